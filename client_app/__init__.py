@@ -1,0 +1,1 @@
+"""ClientApp shared by every strategy."""

@@ -1,0 +1,1 @@
+"""Memory-efficient federated learning through progressive training: shared layer."""

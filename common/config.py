@@ -1,0 +1,142 @@
+"""The run configuration: one pydantic model validating pyproject defaults + overrides.
+
+Flower hands the ServerApp and ClientApp a flat ``run_config`` dict with kebab-case keys
+(``num-rounds``); :func:`parse_run_config` turns it into a :class:`RunConfig` or raises
+:class:`ConfigError` with one message naming every bad key, its value and the valid choices.
+It is called before anything trains: by ``run.sh`` (preflight), by the ServerApp at start-up
+and by the ClientApp.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.data import DATASET_NAMES, DataSpec
+from common.models import MODEL_NAMES
+from common.partition import PARTITION_SCHEMES
+
+STRATEGY_NAMES: tuple[str, ...] = ("fedavg",)
+
+StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
+ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+DatasetName = Literal[DATASET_NAMES]  # type: ignore[valid-type]
+PartitionName = Literal[PARTITION_SCHEMES]  # type: ignore[valid-type]
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key, the value and the choices."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """Validated run configuration (keys are the kebab-case names used in pyproject.toml)."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True)
+
+    strategy: StrategyName = "fedavg"
+    model: ModelName = "resnet10"
+    width: float = Field(0.25, gt=0, le=4, description="channel width multiplier")
+    dataset: DatasetName = "synthetic"
+    data_path: str = Field("", description="path of a local .npz dataset (dataset='npz')")
+    data_dir: str = Field("", description="torchvision data directory (cifar10/cifar100)")
+    download: bool = False
+    synthetic_train_size: int = Field(6000, ge=10)
+    synthetic_test_size: int = Field(1000, ge=10)
+    partition: PartitionName = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    min_partition_size: int = Field(10, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    num_rounds: int = Field(5, gt=0)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(0.5, ge=0, le=1)
+    min_train_nodes: int = Field(2, ge=1)
+    min_available_nodes: int = Field(2, ge=1)
+    node_wait_seconds: float = Field(120.0, gt=0, description="how long to wait for min-available-nodes (s)")
+    round_timeout: float = Field(3600.0, gt=0, description="reply timeout per round (s)")
+    local_epochs: int = Field(1, gt=0)
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    seed: int = 0
+    run_name: str = Field("", description="output folder name; empty = <strategy>-<model>-<timestamp>")
+    output_dir: str = Field("", description="absolute results root; empty = $PROGFL_OUTPUT_DIR or ./outputs")
+    client_threads: int = Field(1, ge=1, description="torch threads per client process")
+    verbose: bool = False
+
+    @model_validator(mode="after")
+    def _check_data(self) -> RunConfig:
+        if self.dataset == "npz":
+            if not self.data_path:
+                raise ValueError(
+                    "data-path is required when dataset='npz' (path of an .npz with x_train, y_train, x_test, y_test)"
+                )
+            if not Path(self.data_path).expanduser().is_file():
+                raise ValueError(f"data-path {self.data_path!r}: no such file")
+        if self.min_train_nodes > self.min_available_nodes:
+            raise ValueError(
+                f"min-train-nodes={self.min_train_nodes} exceeds min-available-nodes={self.min_available_nodes}"
+            )
+        return self
+
+    def data_spec(self) -> DataSpec:
+        """The part of the config that determines data and partitions (a hashable cache key)."""
+        return DataSpec(
+            dataset=self.dataset,
+            data_path=str(Path(self.data_path).expanduser()) if self.data_path else "",
+            data_dir=self.data_dir,
+            download=self.download,
+            seed=self.seed,
+            synthetic_train_size=self.synthetic_train_size,
+            synthetic_test_size=self.synthetic_test_size,
+            partition=self.partition,
+            dirichlet_alpha=self.dirichlet_alpha,
+            min_partition_size=self.min_partition_size,
+            val_fraction=self.val_fraction,
+        )
+
+    def to_flat(self) -> dict[str, Any]:
+        """The resolved config as a flat kebab-case dict (what is written to config.json)."""
+        return self.model_dump(by_alias=True)
+
+
+def valid_keys() -> list[str]:
+    """All run-config keys, kebab-case."""
+    return [_kebab(k) for k in RunConfig.model_fields]
+
+
+def _describe(err: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    key = _kebab(loc) if loc else ""
+    etype = err.get("type", "")
+    if etype == "extra_forbidden":
+        close = difflib.get_close_matches(key, valid_keys(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key {key!r}{hint}; valid keys: {', '.join(valid_keys())}"
+    if not key:
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        return msg
+    value = raw.get(key, err.get("input"))
+    field = RunConfig.model_fields[loc.replace("-", "_")]
+    choices = get_args(field.annotation)
+    if etype == "literal_error" and choices:
+        return f"{key}={value!r} is not valid; valid choices: {', '.join(map(str, choices))}"
+    return f"{key}={value!r} is not valid: {err.get('msg', '')}"
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat kebab-case run config; raise :class:`ConfigError` on any bad value."""
+    try:
+        return RunConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems = [_describe(e, raw) for e in exc.errors()]
+        raise ConfigError("invalid run config: " + "; ".join(problems)) from None

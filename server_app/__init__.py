@@ -1,0 +1,1 @@
+"""ServerApp: strategies, stage state machine, outputs."""

@@ -1,0 +1,36 @@
+"""The ServerApp: validate the run config, build the strategy, run it, write the run folder."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import parse_run_config
+from common.data import load_dataset
+from server_app.outputs import RunRecorder, resolve_run_dir
+from server_app.registry import build_strategy
+
+app = ServerApp()
+log = logging.getLogger("progfl")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point: the run config is validated before anything trains."""
+    cfg = parse_run_config(context.run_config)
+    logging.basicConfig(level=logging.INFO if cfg.verbose else logging.WARNING)
+    log.setLevel(logging.INFO if cfg.verbose else logging.WARNING)
+    dataset = load_dataset(cfg.data_spec())
+    run_dir = resolve_run_dir(cfg)
+    recorder = RunRecorder(cfg, run_dir)
+    print(f"[progfl] run folder: {run_dir}", flush=True)
+    strategy = build_strategy(cfg, recorder, dataset.num_classes)
+    strategy.start(grid)
+    s = recorder.summary
+    print(
+        f"[progfl] done: final accuracy {100 * s['final-accuracy']:.2f}% (best {100 * s['best-accuracy']:.2f}%), "
+        f"participation {100 * s['participation-rate']:.0f}%, results in {run_dir}",
+        flush=True,
+    )

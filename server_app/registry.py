@@ -1,0 +1,19 @@
+"""Strategy names -> strategy classes (the names are the valid values of ``strategy``)."""
+
+from __future__ import annotations
+
+from common.config import STRATEGY_NAMES, RunConfig
+from server_app.outputs import RunRecorder
+from server_app.strategy import FedAvgStrategy
+
+STRATEGIES: dict[str, type[FedAvgStrategy]] = {
+    "fedavg": FedAvgStrategy,
+}
+
+if set(STRATEGIES) != set(STRATEGY_NAMES):
+    raise RuntimeError(f"strategy registry {sorted(STRATEGIES)} and config choices {sorted(STRATEGY_NAMES)} disagree")
+
+
+def build_strategy(cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> FedAvgStrategy:
+    """Instantiate the strategy named by ``cfg.strategy``."""
+    return STRATEGIES[cfg.strategy](cfg, recorder, num_classes)

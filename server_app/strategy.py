@@ -1,0 +1,391 @@
+"""FedAvg as a Flower Message-API ``Strategy``: the base the progressive strategies extend.
+
+What it adds to Flower's own FedAvg:
+
+* **Seeded, reproducible sampling.** Node IDs are random per run, so at start-up (and when new
+  nodes appear) every node is asked, with a ``query`` message, for its ``partition-id``;
+  sampling then draws partition ids from a generator seeded by ``(seed, round)``.
+* **Messages built per node**: every node gets its own ``RecordDict`` (arrays, config with its
+  own local seed), the hook the progressive strategies use to send each node its sub-model.
+* **Accounting**: bytes down and up per round, failures, participation.
+* **Outputs**: one progress line per round, and metrics/checkpoint/plot in the run folder.
+
+Subclasses override :meth:`train_payload` (what a node receives) and :meth:`apply_updates`
+(how replies change the global model) and :meth:`server_model` (what is evaluated).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from common import protocol as P
+from common.aggregate import weighted_average
+from common.config import RunConfig
+from common.data import test_data
+from common.models import BlockModel, build_model
+from common.training import evaluate, load_numpy, state_to_numpy
+from server_app.outputs import RunRecorder
+
+log = logging.getLogger("progfl")
+
+
+@dataclass
+class NodeInfo:
+    """What the server knows about one node (keyed by its partition id)."""
+
+    node_id: int
+    partition_id: int
+    num_examples: int
+    rounds_trained: list[int] = field(default_factory=list)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed derived from integers (run seed, round, partition, ...)."""
+    return int(np.random.default_rng([abs(int(p)) for p in parts]).integers(0, 2**31 - 1))
+
+
+class FedAvgStrategy(Strategy):
+    """Plain FedAvg on the full model with seeded sampling, per-node messages and accounting."""
+
+    name = "fedavg"
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
+        self.cfg = cfg
+        self.recorder = recorder
+        self.num_classes = num_classes
+        self.nodes: dict[int, NodeInfo] = {}
+        self.model: BlockModel = build_model(cfg.model, num_classes, cfg.width, seed=cfg.seed)
+        self.arrays: dict[str, np.ndarray] = state_to_numpy(self.model)
+        self._round_bytes_down = 0
+        self._round_failures = 0
+        self._round_participants: list[int] = []
+        self._round_train_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ nodes and sampling
+    def discover(self, grid: Grid) -> None:
+        """Wait for ``min-available-nodes`` and learn the partition id of every new node."""
+        deadline = time.monotonic() + self.cfg.node_wait_seconds
+        while True:
+            node_ids = sorted(grid.get_node_ids())
+            if len(node_ids) >= self.cfg.min_available_nodes:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(node_ids)} nodes connected after node-wait-seconds={self.cfg.node_wait_seconds}; "
+                    f"min-available-nodes={self.cfg.min_available_nodes}"
+                )
+            time.sleep(1.0)
+        known = {n.node_id for n in self.nodes.values()}
+        new = [nid for nid in node_ids if nid not in known]
+        if not new:
+            return
+        msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({P.ROUND: 0})}), nid, MessageType.QUERY) for nid in new]
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            src = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s did not answer the query: %s", src, reply.error.reason)
+                continue
+            m = reply.content[P.METRICS]
+            pid = int(m[P.PARTITION_ID])
+            if pid in self.nodes and self.nodes[pid].node_id != src:
+                log.warning(
+                    "partition-id %d claimed by node %s and node %s; keeping the first",
+                    pid,
+                    self.nodes[pid].node_id,
+                    src,
+                )
+                continue
+            self.nodes[pid] = NodeInfo(src, pid, int(m[P.NUM_EXAMPLES]))
+        if len(self.nodes) < self.cfg.min_available_nodes:
+            raise RuntimeError(
+                f"{len(self.nodes)} nodes answered the query; min-available-nodes={self.cfg.min_available_nodes}"
+            )
+
+    def eligible(self, server_round: int) -> list[int]:
+        """Partition ids that may train this round (all known nodes for FedAvg)."""
+        return sorted(self.nodes)
+
+    def sample(self, server_round: int) -> list[int]:
+        """Partition ids to train in ``server_round``: a seeded draw of fraction-train of the eligible."""
+        pool = self.eligible(server_round)
+        if len(pool) < self.cfg.min_train_nodes:
+            log.warning(
+                "round %d: %d eligible nodes, fewer than min-train-nodes=%d; using all",
+                server_round,
+                len(pool),
+                self.cfg.min_train_nodes,
+            )
+            return pool
+        k = min(len(pool), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(pool))))
+        rng = np.random.default_rng([self.cfg.seed, server_round])
+        return sorted(int(p) for p in rng.choice(pool, size=k, replace=False))
+
+    # ------------------------------------------------------------------ hooks
+    def train_payload(self, server_round: int, partition_id: int) -> dict[str, np.ndarray]:
+        """Arrays sent to one node for training (the full global model for FedAvg)."""
+        return self.arrays
+
+    def train_config(self, server_round: int, partition_id: int) -> dict[str, int | float | str | bool]:
+        """Per-node training config sent with the arrays."""
+        return {P.ROUND: server_round, P.SEED: derive_seed(self.cfg.seed, server_round, partition_id)}
+
+    def apply_updates(self, server_round: int, updates: list[tuple[dict[str, np.ndarray], float]]) -> None:
+        """Aggregate replies into the global model (FedAvg, SmartFreeze Eq. 1)."""
+        self.arrays = weighted_average(updates)
+
+    def server_model(self) -> BlockModel:
+        """The model the server evaluates on the test set (the full global model)."""
+        load_numpy(self.model, self.arrays)
+        return self.model
+
+    # ------------------------------------------------------------------ Strategy API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled node, each with its own RecordDict."""
+        self._round_participants = self.sample(server_round)
+        msgs: list[Message] = []
+        self._round_bytes_down = 0
+        cache: dict[int, ArrayRecord] = {}
+        for pid in self._round_participants:
+            payload = self.train_payload(server_round, pid)
+            record = cache.get(id(payload))
+            if record is None:
+                record = cache[id(payload)] = P.to_record(payload)
+            node_arrays = ArrayRecord(dict(record.items()))
+            node_config = ConfigRecord({**dict(config), **self.train_config(server_round, pid)})
+            self._round_bytes_down += node_arrays.count_bytes()
+            msgs.append(
+                Message(
+                    RecordDict({P.ARRAYS: node_arrays, P.CONFIG: node_config}),
+                    self.nodes[pid].node_id,
+                    MessageType.TRAIN,
+                )
+            )
+        return msgs
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted average of the replies that arrived; failures are logged and skipped."""
+        updates: list[tuple[dict[str, np.ndarray], float]] = []
+        bytes_up = 0
+        losses: list[tuple[float, float]] = []
+        replies = list(replies)
+        self._round_failures = len(self._round_participants) - len(replies)
+        by_node = {n.node_id: n for n in self.nodes.values()}
+        for reply in replies:
+            if reply.has_error():
+                self._round_failures += 1
+                log.warning(
+                    "round %d: node %s failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason
+                )
+                continue
+            record = reply.content[P.ARRAYS]
+            m = reply.content[P.METRICS]
+            n = float(m[P.NUM_EXAMPLES])
+            bytes_up += record.count_bytes()
+            updates.append((P.from_record(record), n))
+            losses.append((float(m[P.TRAIN_LOSS]), n))
+            node = by_node.get(reply.metadata.src_node_id)
+            if node is not None:
+                node.rounds_trained.append(server_round)
+        metrics: dict[str, float] = {
+            "bytes-down": float(self._round_bytes_down),
+            "bytes-up": float(bytes_up),
+            "failures": float(self._round_failures),
+            "participants": float(len(updates)),
+        }
+        if losses:
+            total = sum(w for _, w in losses)
+            metrics["train-loss"] = sum(loss * w for loss, w in losses) / total
+        self._round_train_metrics = metrics
+        if not updates:
+            log.warning("round %d: no successful training reply; the global model is unchanged", server_round)
+            return None, MetricRecord(metrics)
+        self.apply_updates(server_round, updates)
+        return P.to_record(self.arrays), MetricRecord(metrics)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation of the global model on a seeded fraction-evaluate of nodes."""
+        if self.cfg.fraction_evaluate <= 0 or not self.nodes:
+            return []
+        pool = sorted(self.nodes)
+        k = max(1, math.ceil(self.cfg.fraction_evaluate * len(pool)))
+        rng = np.random.default_rng([self.cfg.seed, server_round, 1])
+        chosen = sorted(int(p) for p in rng.choice(pool, size=min(k, len(pool)), replace=False))
+        return [
+            Message(
+                RecordDict(
+                    {
+                        P.ARRAYS: ArrayRecord(dict(arrays.items())),
+                        P.CONFIG: ConfigRecord({**dict(config), P.ROUND: server_round}),
+                    }
+                ),
+                self.nodes[pid].node_id,
+                MessageType.EVALUATE,
+            )
+            for pid in chosen
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' local validation loss and accuracy."""
+        rows = []
+        for reply in replies:
+            if reply.has_error():
+                log.warning(
+                    "round %d: evaluation failed on node %s: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+                continue
+            m = reply.content[P.METRICS]
+            if float(m[P.NUM_EXAMPLES]) > 0:
+                rows.append((float(m[P.EVAL_LOSS]), float(m[P.EVAL_ACCURACY]), float(m[P.NUM_EXAMPLES])))
+        if not rows:
+            return None
+        total = sum(r[2] for r in rows)
+        return MetricRecord(
+            {
+                "client-loss": sum(r[0] * r[2] for r in rows) / total,
+                "client-accuracy": sum(r[1] * r[2] for r in rows) / total,
+            }
+        )
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        c = self.cfg
+        log.info(
+            "%s: %s width %s, %d rounds, fraction-train %s, local epochs %d, batch %d, lr %s, seed %d",
+            self.name,
+            c.model,
+            c.width,
+            c.num_rounds,
+            c.fraction_train,
+            c.local_epochs,
+            c.batch_size,
+            c.lr,
+            c.seed,
+        )
+
+    # ------------------------------------------------------------------ evaluation and the loop
+    def evaluate_server(self) -> tuple[float, float]:
+        """Loss and accuracy of :meth:`server_model` on the held-out test set."""
+        x, y = test_data(self.cfg.data_spec())
+        return evaluate(self.server_model(), x, y, self.cfg.eval_batch_size)
+
+    def round_extras(self, server_round: int) -> dict[str, float | int | str]:
+        """Extra per-round columns for metrics (stage etc. in subclasses)."""
+        return {}
+
+    def participation_rate(self) -> float:
+        """Share of known nodes that trained at least once."""
+        if not self.nodes:
+            return 0.0
+        return sum(1 for n in self.nodes.values() if n.rounds_trained) / len(self.nodes)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run all rounds: train, federated evaluation, server evaluation, record, print progress."""
+        if initial_arrays is not None:
+            self.arrays = P.from_record(initial_arrays)
+        num_rounds = num_rounds or self.cfg.num_rounds
+        timeout = timeout or self.cfg.round_timeout
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        result = Result()
+        self.summary()
+        self.discover(grid)
+        loss0, acc0 = self.evaluate_server()
+        log.info("initial server evaluation: accuracy %.2f%% loss %.4f", 100 * acc0, loss0)
+        self.recorder.add_round({"round": 0, "server-accuracy": acc0, "server-loss": loss0, **self.round_extras(0)})
+        t_start = time.monotonic()
+        for rnd in range(1, num_rounds + 1):
+            t_round = time.monotonic()
+            self.discover(grid)
+            arrays = P.to_record(self.arrays)
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if agg_arrays is not None:
+                result.arrays = agg_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+            eval_msgs = list(self.configure_evaluate(rnd, agg_arrays or arrays, evaluate_config, grid))
+            client_metrics = (
+                self.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=timeout)) if eval_msgs else None
+            )
+            if client_metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = client_metrics
+            loss, acc = self.evaluate_server()
+            result.evaluate_metrics_serverapp[rnd] = MetricRecord({"server-loss": loss, "server-accuracy": acc})
+            now = time.monotonic()
+            row = {
+                "round": rnd,
+                **self.round_extras(rnd),
+                "server-accuracy": acc,
+                "server-loss": loss,
+                **(dict(client_metrics) if client_metrics else {}),
+                **self._round_train_metrics,
+                "round-seconds": now - t_round,
+                "wall-seconds": now - t_start,
+            }
+            self.recorder.add_round(row)
+            eta = (now - t_start) / rnd * (num_rounds - rnd)
+            self.progress(rnd, num_rounds, row, eta)
+        final_loss, final_acc = self.final_evaluation()
+        self.recorder.save_model(self.arrays)
+        self.recorder.set_summary(
+            strategy=self.name,
+            rounds=num_rounds,
+            **{"final-accuracy": final_acc, "final-loss": final_loss},
+            **{
+                "best-accuracy": max(
+                    r["server-accuracy"] for r in self.recorder.rounds if r.get("server-accuracy") is not None
+                )
+            },
+            **{"participation-rate": self.participation_rate(), "num-nodes": len(self.nodes)},
+            **{
+                "bytes-down": sum(r.get("bytes-down", 0) for r in self.recorder.rounds),
+                "bytes-up": sum(r.get("bytes-up", 0) for r in self.recorder.rounds),
+            },
+            **{"wall-seconds": time.monotonic() - t_start},
+        )
+        self.recorder.plot_accuracy()
+        return result
+
+    def final_evaluation(self) -> tuple[float, float]:
+        """Evaluation of the final full model (the last round's for FedAvg)."""
+        last = self.recorder.rounds[-1]
+        return float(last["server-loss"]), float(last["server-accuracy"])
+
+    def progress(self, rnd: int, num_rounds: int, row: dict, eta: float) -> None:
+        """Print one progress line for the round."""
+        extra = "".join(f" {k} {v}" for k, v in self.round_extras(rnd).items())
+        client = f" client-acc {100 * row['client-accuracy']:5.1f}%" if row.get("client-accuracy") is not None else ""
+        line = (
+            f"[{self.name}] round {rnd}/{num_rounds}{extra}"
+            f" | acc {100 * row['server-accuracy']:5.1f}% loss {row['server-loss']:.3f}"
+            f"{client} | {int(row.get('participants', 0))} clients ({int(row.get('failures', 0))} failed)"
+            f" | {row['round-seconds']:.1f}s, elapsed {row['wall-seconds']:.0f}s, eta {eta:.0f}s"
+        )
+        print(line, flush=True)
