@@ -21,6 +21,9 @@ def weighted_average(updates: Sequence[tuple[dict[str, np.ndarray], float]]) -> 
     if not total > 0:
         raise ValueError(f"weighted_average: total weight must be > 0, got {total}")
     keys = list(updates[0][0])
+    for arrays, _ in updates[1:]:
+        if set(arrays) != set(keys):
+            raise ValueError(f"weighted_average: updates hold different keys ({sorted(set(arrays) ^ set(keys))[:5]})")
     out: dict[str, np.ndarray] = {}
     for k in keys:
         ref = updates[0][0][k]
@@ -33,7 +36,4 @@ def weighted_average(updates: Sequence[tuple[dict[str, np.ndarray], float]]) -> 
                 )
             acc += a.astype(np.float64) * (w / total)
         out[k] = np.rint(acc).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else acc.astype(ref.dtype)
-    for arrays, _ in updates[1:]:
-        if set(arrays) != set(keys):
-            raise ValueError(f"weighted_average: updates hold different keys ({sorted(set(arrays) ^ set(keys))[:5]})")
     return out

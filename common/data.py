@@ -232,7 +232,7 @@ def client_data(spec: DataSpec, partition_id: int, num_partitions: int) -> Clien
 
 
 @functools.lru_cache(maxsize=4)
-def test_data(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_set(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out test set as tensors (server-side evaluation)."""
     ds = load_dataset(spec)
     return to_tensor(spec, ds.x_test), torch.from_numpy(ds.y_test)

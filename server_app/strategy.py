@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from common import protocol as P
 from common.aggregate import weighted_average
 from common.config import RunConfig
-from common.data import test_data
+from common.data import held_out_set
 from common.models import BlockModel, build_model
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app.outputs import RunRecorder
@@ -283,7 +283,7 @@ class FedAvgStrategy(Strategy):
     # ------------------------------------------------------------------ evaluation and the loop
     def evaluate_server(self) -> tuple[float, float]:
         """Loss and accuracy of :meth:`server_model` on the held-out test set."""
-        x, y = test_data(self.cfg.data_spec())
+        x, y = held_out_set(self.cfg.data_spec())
         return evaluate(self.server_model(), x, y, self.cfg.eval_batch_size)
 
     def round_extras(self, server_round: int) -> dict[str, float | int | str]:
