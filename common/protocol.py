@@ -29,8 +29,8 @@ EVAL_ACCURACY = "eval-accuracy"
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """Numpy arrays -> Flower ArrayRecord (keys kept, order kept)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """Numpy arrays -> Flower ArrayRecord (keys kept, order kept; 0-d arrays sent as shape (1,))."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(np.atleast_1d(v))) for k, v in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -127,6 +127,8 @@ def load_numpy(module: nn.Module, arrays: dict[str, np.ndarray], strict: bool = 
         if missing:
             raise KeyError(f"arrays miss model keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for k, a in arrays.items():
+        if a.size == 1 and state[k].numel() == 1:
+            a = a.reshape(tuple(state[k].shape))  # scalar buffers may arrive as shape (1,)
         if tuple(a.shape) != tuple(state[k].shape):
             raise ValueError(f"array {k!r} has shape {tuple(a.shape)}, model expects {tuple(state[k].shape)}")
         state[k].copy_(torch.as_tensor(a, dtype=state[k].dtype))

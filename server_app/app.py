@@ -20,7 +20,11 @@ log = logging.getLogger("progfl")
 def main(grid: Grid, context: Context) -> None:
     """Entry point: the run config is validated before anything trains."""
     cfg = parse_run_config(context.run_config)
-    logging.basicConfig(level=logging.INFO if cfg.verbose else logging.WARNING)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[progfl] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
     log.setLevel(logging.INFO if cfg.verbose else logging.WARNING)
     dataset = load_dataset(cfg.data_spec())
     run_dir = resolve_run_dir(cfg)

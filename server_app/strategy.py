@@ -352,6 +352,8 @@ class FedAvgStrategy(Strategy):
             self.recorder.add_round(row)
             eta = (now - t_start) / rnd * (num_rounds - rnd)
             self.progress(rnd, num_rounds, row, eta)
+        if not any(n.rounds_trained for n in self.nodes.values()):
+            raise RuntimeError(f"no client trained successfully in {num_rounds} rounds; see the node errors above")
         final_loss, final_acc = self.final_evaluation()
         self.recorder.save_model(self.arrays)
         self.recorder.set_summary(
