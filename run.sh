@@ -138,7 +138,7 @@ flwr_run() {
   local args=(run "$ROOT" "$conn" --stream "$@")
   [[ -n "$overrides" ]] && args+=(--run-config "$overrides")
   set +e
-  flwr "${args[@]}" 2>&1 | tee "$logfile" | grep -v -E '^\s*$' | grep -v -E 'WARNING .*(deprecat|Deprecat)'
+  flwr "${args[@]}" 2>&1 | tee "$logfile" | grep --line-buffered -v -E '^\s*$' | grep --line-buffered -v -E 'WARNING .*(deprecat|Deprecat)'
   set -e
   rid="$(grep -oE 'run [0-9]+' "$logfile" | head -1 | grep -oE '[0-9]+' || true)"
   [[ -n "$rid" ]] || die "flwr run did not start a run (see $logfile)"

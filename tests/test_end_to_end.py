@@ -1,0 +1,119 @@
+"""End-to-end runs through Flower: simulation via run.sh, and a deployment on localhost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, ROOT, Processes, flower_env, free_port, wait_healthy, write_connection
+
+pytestmark = pytest.mark.slow
+
+SMALL = "model='smallcnn' synthetic-train-size=600 synthetic-test-size=200 batch-size=32"
+
+
+def _flower_leftovers() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if any(k in line for k in ("flower-superlink", "flower-supernode", "flwr-simulation"))]
+
+
+def test_run_sh_rejects_bad_config_before_starting_anything() -> None:
+    res = subprocess.run(
+        [str(ROOT / "run.sh"), "run", "--run-config", "strategy='nope'"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2
+    assert "strategy='nope'" in res.stderr and "valid choices: fedavg" in res.stderr
+    res = subprocess.run(
+        [str(ROOT / "run.sh"), "run", "--run-config", "dataset='npz' data-path='/nonexistent/x.npz'"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "/nonexistent/x.npz" in res.stderr
+
+
+def test_simulation_via_run_sh_learns_and_cleans_up(tmp_path: Path) -> None:
+    before = _flower_leftovers()
+    res = subprocess.run(
+        [
+            str(ROOT / "run.sh"),
+            "run",
+            "--supernodes",
+            "3",
+            "--run-config",
+            f"{SMALL} num-rounds=3 run-name='e2e-sim' output-dir='{tmp_path}' min-train-nodes=3 min-available-nodes=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "round 3/3" in res.stdout
+    doc = json.loads((tmp_path / "e2e-sim" / "metrics.json").read_text())
+    rounds = doc["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert all(r["participants"] == 3 and r["failures"] == 0 for r in rounds[1:])
+    assert all(r["bytes-down"] > 0 and r["bytes-up"] > 0 for r in rounds[1:])
+    assert doc["summary"]["final-accuracy"] > 0.3  # chance is 0.1
+    assert doc["summary"]["participation-rate"] == 1.0
+    for name in ("metrics.csv", "config.json", "accuracy.png", "model.pt"):
+        assert (tmp_path / "e2e-sim" / name).stat().st_size > 0
+    state = torch.load(tmp_path / "e2e-sim" / "model.pt", weights_only=True)
+    assert "head.2.weight" in state
+    assert _flower_leftovers() == before
+
+
+def test_deployment_on_localhost_one_round(tmp_path: Path, processes: Processes) -> None:
+    flwr_home = tmp_path / "flwr-home"
+    out = tmp_path / "outputs"
+    env = flower_env(flwr_home, out)
+    port = free_port()
+    link = processes.start(
+        "superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path
+    )
+    wait_healthy(port, link)
+    for i in range(2):
+        processes.start(
+            f"supernode-{i}",
+            [
+                str(BIN / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--node-config",
+                f"partition-id={i} num-partitions=2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+            ],
+            env,
+            tmp_path,
+        )
+    write_connection(flwr_home, "deploy", port)
+    res = subprocess.run(
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(ROOT),
+            "deploy",
+            "--stream",
+            "--run-config",
+            f"{SMALL} num-rounds=1 run-name='e2e-deploy' output-dir='{out}' fraction-evaluate=1.0 node-wait-seconds=60",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "round 1/1" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:] + processes.log("supernode-0")[-2000:]
+    doc = json.loads((out / "e2e-deploy" / "metrics.json").read_text())
+    last = doc["rounds"][-1]
+    assert last["round"] == 1 and last["participants"] == 2 and last["failures"] == 0
+    assert last["client-accuracy"] is not None
+    assert doc["summary"]["num-nodes"] == 2
+    processes.stop_all()
+    assert all(p.poll() is not None for p in processes.procs)
