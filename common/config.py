@@ -17,15 +17,18 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.data import DATASET_NAMES, DataSpec
-from common.models import MODEL_NAMES
+from common.models import MODEL_NAMES, build_model
+from common.pace import PACE_METRICS
 from common.partition import PARTITION_SCHEMES
 
-STRATEGY_NAMES: tuple[str, ...] = ("fedavg",)
+STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "smartfreeze")
+PROGRESSIVE_STRATEGIES: tuple[str, ...] = ("smartfreeze",)
 
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
 DatasetName = Literal[DATASET_NAMES]  # type: ignore[valid-type]
 PartitionName = Literal[PARTITION_SCHEMES]  # type: ignore[valid-type]
+PaceMetric = Literal[PACE_METRICS]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,15 @@ class RunConfig(BaseModel):
     run_name: str = Field("", description="output folder name; empty = <strategy>-<model>-<timestamp>")
     output_dir: str = Field("", description="absolute results root; empty = $PROGFL_OUTPUT_DIR or ./outputs")
     client_threads: int = Field(1, ge=1, description="torch threads per client process")
+    min_stage_rounds: int = Field(2, ge=1, description="progressive: fewest rounds per stage")
+    max_stage_rounds: int = Field(0, ge=0, description="progressive: most rounds per stage (0 = no cap)")
+    pace_metric: PaceMetric = "perturbation"
+    pace_window: int = Field(5, ge=1, description="W: rounds of updates summed per scalar")
+    pace_smooth: int = Field(3, ge=1, description="S: moving-average window of the block metric")
+    pace_regress: int = Field(5, ge=2, description="R: smoothed values in the least-squares fit")
+    pace_tau: float = Field(0.05, gt=0, description="threshold on |relative slope| per round")
+    pace_consecutive: int = Field(3, ge=1, description="C: rounds in a row under tau to freeze")
+    pace_eps: float = Field(1e-3, gt=0, description="eps added to |w| in the effective update")
     verbose: bool = False
 
     @model_validator(mode="after")
@@ -82,6 +94,18 @@ class RunConfig(BaseModel):
                 )
             if not Path(self.data_path).expanduser().is_file():
                 raise ValueError(f"data-path {self.data_path!r}: no such file")
+        if self.strategy in PROGRESSIVE_STRATEGIES:
+            blocks = build_model(self.model, width=0.0625).num_blocks
+            if self.max_stage_rounds and self.max_stage_rounds < self.min_stage_rounds:
+                raise ValueError(
+                    f"max-stage-rounds={self.max_stage_rounds} is below min-stage-rounds={self.min_stage_rounds}"
+                )
+            if self.num_rounds < blocks * self.min_stage_rounds:
+                raise ValueError(
+                    f"num-rounds={self.num_rounds} is too few for strategy {self.strategy!r}: model {self.model!r} "
+                    f"has {blocks} blocks x min-stage-rounds={self.min_stage_rounds}; "
+                    f"use num-rounds >= {blocks * self.min_stage_rounds}"
+                )
         if self.min_train_nodes > self.min_available_nodes:
             raise ValueError(
                 f"min-train-nodes={self.min_train_nodes} exceeds min-available-nodes={self.min_available_nodes}"

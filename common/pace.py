@@ -25,6 +25,11 @@ so tau=0.05 calls a curve flat once it changes by less than 5% per round (time c
 a block whose metric still drops by 10% or more per round, or whose level keeps drifting, is not
 frozen. The earliest possible freeze is at observation W + R + C - 1 (the first observation yields
 no update), i.e. 12 rounds after a block starts with the defaults.
+
+Caveats: ``perturbation`` divides by |w_j|, so scalars near zero dominate the mean (eps bounds them);
+the curve is noisier but its trend still decides. ``apf`` is scale-free: scalars that all move
+consistently give a ratio flat near 1, which the slope test also calls flat, so it is meant for
+SGD-noisy updates whose ratio falls towards the cancellation floor as the block converges.
 """
 
 from __future__ import annotations
@@ -38,15 +43,11 @@ import numpy as np
 _TINY = 1e-12  # guards the division by the curve's mean in relative_slope
 
 
-def _check_updates(updates: np.ndarray) -> np.ndarray:
+def _sums(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per scalar (sum of updates, sum of |updates|) in float64, one row at a time (no (W, n) float64 copy)."""
     updates = np.asarray(updates)
     if updates.ndim != 2 or updates.shape[0] < 1:
         raise ValueError(f"updates must have shape (W, n) with W >= 1, got {updates.shape}")
-    return updates
-
-
-def _sums(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per scalar (sum of updates, sum of |updates|) in float64, one row at a time (no (W, n) float64 copy)."""
     total = np.zeros(updates.shape[1], dtype=np.float64)
     total_abs = np.zeros(updates.shape[1], dtype=np.float64)
     for row in updates:
@@ -60,11 +61,10 @@ def effective_update(updates: np.ndarray, current: np.ndarray, eps: float) -> np
 
     ``updates`` has shape (W, n) (the last W round-to-round updates), ``current`` shape (n,).
     """
-    updates = _check_updates(updates)
-    current = np.asarray(current, dtype=np.float64)
-    if current.shape != (updates.shape[1],):
-        raise ValueError(f"current must have shape ({updates.shape[1]},), got {current.shape}")
     total, _ = _sums(updates)
+    current = np.asarray(current, dtype=np.float64)
+    if current.shape != total.shape:
+        raise ValueError(f"current must have shape {total.shape}, got {current.shape}")
     return np.abs(total) / (np.abs(current) + eps)
 
 
@@ -73,7 +73,7 @@ def apf_ratio(updates: np.ndarray, eps: float) -> np.ndarray:
 
     1 means the W updates all point the same way, 0 that they cancel out. ``updates``: shape (W, n).
     """
-    total, total_abs = _sums(_check_updates(updates))
+    total, total_abs = _sums(updates)
     return np.abs(total) / (total_abs + eps)
 
 
@@ -104,7 +104,7 @@ def moving_average(values: Sequence[float], window: int) -> float:
 
 
 def relative_slope(values: Sequence[float]) -> float:
-    """Least-squares slope of ``values`` against their index, divided by mean(|values|) (fraction per round).
+    """Least-squares slope of ``values`` vs their index (Sec. IV-B fit) over mean(|values|): fraction per round.
 
     Returns 0.0 for fewer than 2 values.
     """

@@ -16,12 +16,15 @@ METRICS = "metrics"
 # config keys (server -> client)
 ROUND = "server-round"
 SEED = "seed"
+STAGE = "stage"
 
 # metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 TRAIN_LOSS = "train-loss"
+LOSS_SQ_MEAN = "loss-sq-mean"
+FROZEN_HELD = "frozen-held"
 TRAIN_SECONDS = "train-seconds"
 SAMPLES_PER_SECOND = "samples-per-second"
 EVAL_LOSS = "eval-loss"

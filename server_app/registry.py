@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from common.config import STRATEGY_NAMES, RunConfig
 from server_app.outputs import RunRecorder
+from server_app.smartfreeze import SmartFreezeStrategy
 from server_app.strategy import FedAvgStrategy
 
 STRATEGIES: dict[str, type[FedAvgStrategy]] = {
     "fedavg": FedAvgStrategy,
+    "smartfreeze": SmartFreezeStrategy,
 }
 
 if set(STRATEGIES) != set(STRATEGY_NAMES):

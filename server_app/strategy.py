@@ -142,6 +142,12 @@ class FedAvgStrategy(Strategy):
         """Aggregate replies into the global model (FedAvg, SmartFreeze Eq. 1)."""
         self.arrays = weighted_average(updates)
 
+    def on_reply(self, server_round: int, partition_id: int, metrics: dict) -> None:
+        """Called for every successful training reply (per-node bookkeeping in subclasses)."""
+
+    def on_failure(self, server_round: int, partition_id: int) -> None:
+        """Called for every sampled node whose training reply failed or never came."""
+
     def server_model(self) -> BlockModel:
         """The model the server evaluates on the test set (the full global model)."""
         load_numpy(self.model, self.arrays)
@@ -151,7 +157,11 @@ class FedAvgStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per sampled node, each with its own RecordDict."""
+        """One message per sampled node, each with its own RecordDict.
+
+        What a node receives comes from :meth:`train_payload` (``arrays`` is not used: the
+        strategy owns the global state and may send each node a different part of it).
+        """
         self._round_participants = self.sample(server_round)
         msgs: list[Message] = []
         self._round_bytes_down = 0
@@ -181,14 +191,15 @@ class FedAvgStrategy(Strategy):
         bytes_up = 0
         losses: list[tuple[float, float]] = []
         replies = list(replies)
-        self._round_failures = len(self._round_participants) - len(replies)
         by_node = {n.node_id: n for n in self.nodes.values()}
+        succeeded: set[int] = set()
         for reply in replies:
+            node = by_node.get(reply.metadata.src_node_id)
+            if node is None:
+                log.warning("round %d: reply from unknown node %s ignored", server_round, reply.metadata.src_node_id)
+                continue
             if reply.has_error():
-                self._round_failures += 1
-                log.warning(
-                    "round %d: node %s failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason
-                )
+                log.warning("round %d: node %s failed: %s", server_round, node.partition_id, reply.error.reason)
                 continue
             record = reply.content[P.ARRAYS]
             m = reply.content[P.METRICS]
@@ -196,9 +207,13 @@ class FedAvgStrategy(Strategy):
             bytes_up += record.count_bytes()
             updates.append((P.from_record(record), n))
             losses.append((float(m[P.TRAIN_LOSS]), n))
-            node = by_node.get(reply.metadata.src_node_id)
-            if node is not None:
-                node.rounds_trained.append(server_round)
+            node.rounds_trained.append(server_round)
+            succeeded.add(node.partition_id)
+            self.on_reply(server_round, node.partition_id, dict(m))
+        for pid in self._round_participants:
+            if pid not in succeeded:
+                self.on_failure(server_round, pid)
+        self._round_failures = len(self._round_participants) - len(succeeded)
         metrics: dict[str, float] = {
             "bytes-down": float(self._round_bytes_down),
             "bytes-up": float(bytes_up),
@@ -218,19 +233,25 @@ class FedAvgStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation of the global model on a seeded fraction-evaluate of nodes."""
+        """Federated evaluation on a seeded fraction-evaluate of nodes.
+
+        What is evaluated comes from :meth:`eval_payload` (``arrays`` is not used: the strategy
+        owns the global state).
+        """
         if self.cfg.fraction_evaluate <= 0 or not self.nodes:
             return []
         pool = sorted(self.nodes)
         k = max(1, math.ceil(self.cfg.fraction_evaluate * len(pool)))
         rng = np.random.default_rng([self.cfg.seed, server_round, 1])
         chosen = sorted(int(p) for p in rng.choice(pool, size=min(k, len(pool)), replace=False))
+        payload, extra = self.eval_payload(server_round)
+        shared = P.to_record(payload)
         return [
             Message(
                 RecordDict(
                     {
-                        P.ARRAYS: ArrayRecord(dict(arrays.items())),
-                        P.CONFIG: ConfigRecord({**dict(config), P.ROUND: server_round}),
+                        P.ARRAYS: ArrayRecord(dict(shared.items())),
+                        P.CONFIG: ConfigRecord({**dict(config), **extra, P.ROUND: server_round}),
                     }
                 ),
                 self.nodes[pid].node_id,
@@ -286,9 +307,25 @@ class FedAvgStrategy(Strategy):
         x, y = held_out_set(self.cfg.data_spec())
         return evaluate(self.server_model(), x, y, self.cfg.eval_batch_size)
 
-    def round_extras(self, server_round: int) -> dict[str, float | int | str]:
-        """Extra per-round columns for metrics (stage etc. in subclasses)."""
+    def round_info(self, server_round: int) -> dict[str, float | int | str]:
+        """Columns describing what this round trains (the stage, in subclasses); read before training."""
         return {}
+
+    def end_round(self, server_round: int) -> dict[str, float | int | str | bool | None]:
+        """Called once a round is trained and evaluated; returns extra columns (pace, freezing)."""
+        return {}
+
+    def summary_extras(self) -> dict[str, object]:
+        """Run-level values subclasses add to metrics.json (stage schedule etc.)."""
+        return {}
+
+    def final_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of the final model saved as model.pt (the full network)."""
+        return self.arrays
+
+    def eval_payload(self, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, int | float | str | bool]]:
+        """Arrays and config for federated evaluation (the full global model for FedAvg)."""
+        return self.arrays, {}
 
     def participation_rate(self) -> float:
         """Share of known nodes that trained at least once."""
@@ -318,19 +355,21 @@ class FedAvgStrategy(Strategy):
         self.discover(grid)
         loss0, acc0 = self.evaluate_server()
         log.info("initial server evaluation: accuracy %.2f%% loss %.4f", 100 * acc0, loss0)
-        self.recorder.add_round({"round": 0, "server-accuracy": acc0, "server-loss": loss0, **self.round_extras(0)})
+        self.recorder.add_round({"round": 0, **self.round_info(1), "server-accuracy": acc0, "server-loss": loss0})
         t_start = time.monotonic()
         for rnd in range(1, num_rounds + 1):
             t_round = time.monotonic()
             self.discover(grid)
-            arrays = P.to_record(self.arrays)
-            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            info = self.round_info(rnd)
+            replies = grid.send_and_receive(
+                self.configure_train(rnd, ArrayRecord(), train_config, grid), timeout=timeout
+            )
             agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if agg_arrays is not None:
                 result.arrays = agg_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
-            eval_msgs = list(self.configure_evaluate(rnd, agg_arrays or arrays, evaluate_config, grid))
+            eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid))
             client_metrics = (
                 self.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=timeout)) if eval_msgs else None
             )
@@ -341,7 +380,7 @@ class FedAvgStrategy(Strategy):
             now = time.monotonic()
             row = {
                 "round": rnd,
-                **self.round_extras(rnd),
+                **info,
                 "server-accuracy": acc,
                 "server-loss": loss,
                 **(dict(client_metrics) if client_metrics else {}),
@@ -349,13 +388,14 @@ class FedAvgStrategy(Strategy):
                 "round-seconds": now - t_round,
                 "wall-seconds": now - t_start,
             }
+            row.update(self.end_round(rnd))
             self.recorder.add_round(row)
             eta = (now - t_start) / rnd * (num_rounds - rnd)
             self.progress(rnd, num_rounds, row, eta)
         if not any(n.rounds_trained for n in self.nodes.values()):
             raise RuntimeError(f"no client trained successfully in {num_rounds} rounds; see the node errors above")
         final_loss, final_acc = self.final_evaluation()
-        self.recorder.save_model(self.arrays)
+        self.recorder.save_model(self.final_arrays())
         self.recorder.set_summary(
             strategy=self.name,
             rounds=num_rounds,
@@ -371,6 +411,7 @@ class FedAvgStrategy(Strategy):
                 "bytes-up": sum(r.get("bytes-up", 0) for r in self.recorder.rounds),
             },
             **{"wall-seconds": time.monotonic() - t_start},
+            **self.summary_extras(),
         )
         self.recorder.plot_accuracy()
         return result
@@ -382,7 +423,7 @@ class FedAvgStrategy(Strategy):
 
     def progress(self, rnd: int, num_rounds: int, row: dict, eta: float) -> None:
         """Print one progress line for the round."""
-        extra = "".join(f" {k} {v}" for k, v in self.round_extras(rnd).items())
+        extra = f" stage {row['stage']}" if "stage" in row else ""
         client = f" client-acc {100 * row['client-accuracy']:5.1f}%" if row.get("client-accuracy") is not None else ""
         line = (
             f"[{self.name}] round {rnd}/{num_rounds}{extra}"
@@ -390,4 +431,6 @@ class FedAvgStrategy(Strategy):
             f"{client} | {int(row.get('participants', 0))} clients ({int(row.get('failures', 0))} failed)"
             f" | {row['round-seconds']:.1f}s, elapsed {row['wall-seconds']:.0f}s, eta {eta:.0f}s"
         )
+        if row.get("froze-block"):
+            line += f" | block {row['froze-block']} frozen ({row['freeze-reason']})"
         print(line, flush=True)

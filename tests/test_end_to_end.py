@@ -17,7 +17,11 @@ SMALL = "model='smallcnn' synthetic-train-size=600 synthetic-test-size=200 batch
 
 def _flower_leftovers() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if any(k in line for k in ("flower-superlink", "flower-supernode", "flwr-simulation"))]
+    return [
+        line
+        for line in out.splitlines()
+        if any(k in line for k in ("flower-superlink", "flower-supernode", "flwr-simulation"))
+    ]
 
 
 def test_run_sh_rejects_bad_config_before_starting_anything() -> None:
@@ -72,7 +76,10 @@ def test_deployment_on_localhost_one_round(tmp_path: Path, processes: Processes)
     env = flower_env(flwr_home, out)
     port = free_port()
     link = processes.start(
-        "superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path
+        "superlink",
+        [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        tmp_path,
     )
     wait_healthy(port, link)
     for i in range(2):

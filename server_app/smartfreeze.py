@@ -1,0 +1,180 @@
+"""SmartFreeze (IWQoS 2024): progressive block training with output modules and a pace controller.
+
+The server owns the global state: the model's blocks and head (``blocks.<i>.*``, ``head.*``) and
+one output module per non-final block (``outmod.<k>.*``). Stage k (0-based; shown 1-based in
+logs and metrics) trains block k with output module k; blocks 0..k-1 are frozen. Per round:
+
+1. Each sampled node gets block k and output module k, plus the frozen blocks it does not hold
+   yet (nodes report the frozen blocks they hold in every reply; a node that lost them fails the
+   round and is sent them again next time).
+2. Replies carry block k and output module k only; they are averaged (Eq. 1) into the state.
+3. The server evaluates the stage sub-model (frozen prefix + block k + output module k).
+4. The pace controller observes block k's parameters (every trainable scalar of the block, not
+   BN running statistics) and the stage machine advances when it signals convergence, when the
+   stage hits ``max-stage-rounds``, or when the remaining budget is needed by later stages.
+
+The last stage trains the last block with the model's own head, i.e. the full network with a
+frozen prefix; the final evaluation and ``model.pt`` are the full model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from common import protocol as P
+from common.aggregate import weighted_average
+from common.config import RunConfig
+from common.models import BlockModel
+from common.output_modules import OUTMOD_PREFIX, StageModel, build_output_modules, frozen_prefixes, stage_prefixes
+from common.pace import PaceConfig, PaceController
+from common.stages import StageMachine
+from common.training import evaluate, load_numpy, state_to_numpy
+from server_app.outputs import RunRecorder, atomic_write_bytes
+from server_app.strategy import FedAvgStrategy, log
+
+
+class SmartFreezeStrategy(FedAvgStrategy):
+    """Progressive training with output modules, pace-controlled freezing and a stage machine."""
+
+    name = "smartfreeze"
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
+        super().__init__(cfg, recorder, num_classes)
+        self.output_modules = build_output_modules(self.model, seed=cfg.seed + 1)
+        self.arrays.update({f"{OUTMOD_PREFIX}.{k}": v for k, v in state_to_numpy(self.output_modules).items()})
+        self.machine = StageMachine(
+            num_blocks=self.model.num_blocks,
+            total_rounds=cfg.num_rounds,
+            min_rounds=cfg.min_stage_rounds,
+            max_rounds=cfg.max_stage_rounds,
+        )
+        self.pace = PaceController(
+            PaceConfig(
+                metric=cfg.pace_metric,
+                window=cfg.pace_window,
+                smooth=cfg.pace_smooth,
+                regress=cfg.pace_regress,
+                tau=cfg.pace_tau,
+                consecutive=cfg.pace_consecutive,
+                eps=cfg.pace_eps,
+            )
+        )
+        self.pace.reset(0)
+        self.frozen_held: dict[int, set[int]] = {}
+
+    @property
+    def stage(self) -> int:
+        """The 0-based stage being trained."""
+        return self.machine.stage
+
+    def _active_keys(self) -> list[str]:
+        prefixes = stage_prefixes(self.stage, self.model.num_blocks)
+        return [k for k in self.arrays if k.startswith(prefixes)]
+
+    def _block_param_keys(self, block: int) -> list[str]:
+        return [f"blocks.{block}.{name}" for name, _ in self.model.blocks[block].named_parameters()]
+
+    # ------------------------------------------------------------------ payloads and aggregation
+    def train_payload(self, server_round: int, partition_id: int) -> dict[str, np.ndarray]:
+        """Active block + output module, plus the frozen blocks this node does not hold."""
+        held = self.frozen_held.get(partition_id, set())
+        payload = {k: self.arrays[k] for k in self._active_keys()}
+        for block in range(self.stage):
+            if block not in held:
+                payload.update({k: v for k, v in self.arrays.items() if k.startswith(f"blocks.{block}.")})
+        return payload
+
+    def train_config(self, server_round: int, partition_id: int) -> dict[str, int | float | str | bool]:
+        """FedAvg's per-node config plus the stage to build."""
+        return {**super().train_config(server_round, partition_id), P.STAGE: self.stage}
+
+    def on_reply(self, server_round: int, partition_id: int, metrics: dict) -> None:
+        """Remember which frozen blocks the node holds."""
+        held = metrics.get(P.FROZEN_HELD, [])
+        self.frozen_held[partition_id] = {int(b) for b in held} if isinstance(held, list) else set()
+
+    def on_failure(self, server_round: int, partition_id: int) -> None:
+        """A failed node may have lost its frozen blocks: send them again next time."""
+        self.frozen_held.pop(partition_id, None)
+
+    def apply_updates(self, server_round: int, updates: list[tuple[dict[str, np.ndarray], float]]) -> None:
+        """Average the active block and output module (Eq. 1); everything else is untouched."""
+        expected = set(self._active_keys())
+        for arrays, _ in updates:
+            if set(arrays) != expected:
+                extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+                raise ValueError(f"stage {self.stage + 1} reply: unexpected keys {extra[:3]}, missing {missing[:3]}")
+        self.arrays.update(weighted_average(updates))
+
+    def eval_payload(self, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, int | float | str | bool]]:
+        """The whole stage sub-model (frozen prefix + active block + output module)."""
+        prefixes = frozen_prefixes(self.stage) + stage_prefixes(self.stage, self.model.num_blocks)
+        return {k: v for k, v in self.arrays.items() if k.startswith(prefixes)}, {P.STAGE: self.stage}
+
+    # ------------------------------------------------------------------ evaluation and stages
+    def server_model(self) -> StageModel:
+        """The current stage sub-model with the global arrays loaded."""
+        om = self.output_modules[str(self.stage)] if self.stage < self.model.num_blocks - 1 else None
+        sub = StageModel(self.model, self.stage, om)
+        state_keys = set(sub.state_dict())
+        load_numpy(sub, {k: v for k, v in self.arrays.items() if k in state_keys})
+        return sub
+
+    def full_model(self) -> BlockModel:
+        """The full network (every block and the model head) with the global arrays loaded."""
+        load_numpy(self.model, self.final_arrays())
+        return self.model
+
+    def final_arrays(self) -> dict[str, np.ndarray]:
+        """Blocks and head only (output modules are training scaffolding)."""
+        return {k: v for k, v in self.arrays.items() if not k.startswith(f"{OUTMOD_PREFIX}.")}
+
+    def final_evaluation(self) -> tuple[float, float]:
+        """Test loss and accuracy of the full model."""
+        from common.data import held_out_set
+
+        x, y = held_out_set(self.cfg.data_spec())
+        return evaluate(self.full_model(), x, y, self.cfg.eval_batch_size)
+
+    def round_info(self, server_round: int) -> dict[str, float | int | str]:
+        """The 1-based stage trained in this round."""
+        return {"stage": self.stage + 1}
+
+    def end_round(self, server_round: int) -> dict[str, float | int | str | bool | None]:
+        """Feed the pace controller, advance the stage machine, report both."""
+        trained = self._round_train_metrics.get("participants", 0) > 0
+        block = self.stage
+        step = None
+        if trained:
+            params = np.concatenate([self.arrays[k].ravel() for k in self._block_param_keys(block)])
+            step = self.pace.observe(server_round, params)
+        reason = self.machine.end_of_round(converged=bool(step and step.freeze))
+        if reason is not None:
+            log.info("round %d: block %d frozen (%s); stage %d starts", server_round, block + 1, reason, self.stage + 1)
+            self.pace.reset(self.stage)
+        self._write_pace()
+        return {
+            "pace-metric": None if step is None else step.metric,
+            "pace-smoothed": None if step is None else step.smoothed,
+            "pace-slope": None if step is None else step.slope,
+            "pace-streak": None if step is None else step.streak,
+            "froze-block": block + 1 if reason else None,
+            "freeze-reason": reason,
+        }
+
+    def _write_pace(self) -> None:
+        doc = {"stages": self.machine.state_dict(), "pace": self.pace.history}
+        atomic_write_bytes(self.recorder.run_dir / "pace.json", json.dumps(doc, indent=1).encode())
+
+    def summary_extras(self) -> dict[str, object]:
+        """Stage schedule: rounds per stage and the round each block froze."""
+        self.machine.finish()
+        self._write_pace()
+        return {
+            "stages": [
+                {"stage": h.stage + 1, "start-round": h.start_round, "end-round": h.end_round, "reason": h.reason}
+                for h in self.machine.history
+            ]
+        }

@@ -1,0 +1,98 @@
+"""Output modules and stage sub-models: shapes, freezing, what is uploaded."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from client_app.app import _build
+from common.config import parse_run_config
+from common.models import MODEL_NAMES, build_model
+from common.output_modules import StageModel, build_output_module, build_output_modules, stage_prefixes
+from common.training import state_to_numpy
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_output_module_shapes_for_every_block(name: str) -> None:
+    model = build_model(name, num_classes=10, width=0.25, seed=0).eval()
+    h = torch.randn(2, 3, 32, 32)
+    feats = []
+    with torch.no_grad():
+        for block in model.blocks:
+            h = block(h)
+            feats.append(h)
+        for k in range(model.num_blocks - 1):
+            om = build_output_module(model, k).eval()
+            convs = [m for m in om.convs if isinstance(m, torch.nn.Conv2d)]
+            later = model.specs[k + 1 :]
+            assert len(convs) == len(later)  # one conv per later block
+            assert [c.out_channels for c in convs] == [s.out_channels for s in later]
+            assert [c.stride[0] for c in convs] == [s.stride for s in later]
+            assert om.convs(feats[k]).shape == feats[-1].shape  # stands in for the later blocks
+            assert om(feats[k]).shape == (2, 10)
+    with pytest.raises(ValueError, match="output modules exist for stages"):
+        build_output_module(model, model.num_blocks - 1)
+
+
+def _stage(name: str, stage: int) -> StageModel:
+    model = build_model(name, num_classes=10, width=0.25, seed=0)
+    oms = build_output_modules(model, seed=1)
+    return StageModel(model, stage, oms[str(stage)] if stage < model.num_blocks - 1 else None)
+
+
+@pytest.mark.parametrize("name", ["resnet10", "vgg11bn", "smallcnn"])
+def test_frozen_blocks_get_no_gradient_and_record_no_graph(name: str) -> None:
+    for stage in range(build_model(name, width=0.25).num_blocks):
+        sub = _stage(name, stage).train()
+        x = torch.randn(4, 3, 32, 32)
+        frozen_out = sub.frozen_forward(x)
+        assert frozen_out.grad_fn is None and not frozen_out.requires_grad  # no autograd graph
+        loss = sub(x).sum()
+        loss.backward()
+        for i, block in enumerate(sub.blocks):
+            for p in block.parameters():
+                if i < stage:
+                    assert p.grad is None and not p.requires_grad
+                else:
+                    assert p.grad is not None
+        for block in sub.blocks[:stage]:
+            assert not block.training  # BN of the frozen prefix in eval mode
+
+
+def test_frozen_bn_statistics_do_not_change_in_training() -> None:
+    sub = _stage("resnet10", 2).train()
+    before = {k: v.clone() for k, v in sub.state_dict().items() if k.startswith(("blocks.0.", "blocks.1."))}
+    sub(torch.randn(8, 3, 32, 32) * 3 + 1)
+    after = sub.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stage_keys_are_global_keys() -> None:
+    model = build_model("resnet10", width=0.25)
+    global_keys = set(model.state_dict())
+    for stage in range(4):
+        keys = set(_stage("resnet10", stage).state_dict())
+        assert {k for k in keys if not k.startswith("outmod.")} <= global_keys
+    assert stage_prefixes(1, 4) == ("blocks.1.", "outmod.1.")
+    assert stage_prefixes(3, 4) == ("blocks.3.", "head.")
+
+
+def test_client_uploads_only_active_block_and_output_module() -> None:
+    cfg = parse_run_config({"model": "resnet10"})
+    model = build_model("resnet10", 10, 0.25, seed=0)
+    oms = build_output_modules(model, seed=1)
+    full = {**state_to_numpy(model), **{f"outmod.{k}": v for k, v in state_to_numpy(oms).items()}}
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    stage = 2
+    sent = {k: v for k, v in full.items() if k.startswith(("blocks.0.", "blocks.1.", *stage_prefixes(stage, 4)))}
+    module, prefixes = _build(cfg, 10, ConfigRecord({"stage": stage}), sent, context)
+    upload = state_to_numpy(module, prefixes)
+    assert upload and all(k.startswith(("blocks.2.", "outmod.2.")) for k in upload)
+    assert {k for k in full if k.startswith(("blocks.2.", "outmod.2."))} == set(upload)
+    # next round the frozen blocks come from the node's store: the message carries only the active part
+    active_only = {k: v for k, v in full.items() if k.startswith(stage_prefixes(stage, 4))}
+    module, _ = _build(cfg, 10, ConfigRecord({"stage": stage}), active_only, context)
+    np.testing.assert_array_equal(state_to_numpy(module)["blocks.0.0.weight"], full["blocks.0.0.weight"])
+    # a node that holds nothing cannot build the stage from the active part alone
+    with pytest.raises(KeyError, match=r"frozen block\(s\) \['0', '1'\]"):
+        _build(cfg, 10, ConfigRecord({"stage": stage}), active_only, Context(1, 2, {}, RecordDict(), {}))
