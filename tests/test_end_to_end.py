@@ -124,3 +124,36 @@ def test_deployment_on_localhost_one_round(tmp_path: Path, processes: Processes)
     assert doc["summary"]["num-nodes"] == 2
     processes.stop_all()
     assert all(p.poll() is not None for p in processes.procs)
+
+
+def test_smartfreeze_simulation_goes_through_every_stage(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [
+            str(ROOT / "run.sh"),
+            "run",
+            "--supernodes",
+            "3",
+            "--run-config",
+            f"{SMALL.replace('smallcnn', 'resnet10')} strategy='smartfreeze' num-rounds=8 min-stage-rounds=2 run-name='e2e-sf' "
+            f"output-dir='{tmp_path}'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_dir = tmp_path / "e2e-sf"
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    rows = doc["rounds"][1:]
+    assert [r["stage"] for r in rows] == [1, 1, 2, 2, 3, 3, 4, 4]  # resnet10 has 4 blocks
+    assert [s["stage"] for s in doc["summary"]["stages"]] == [1, 2, 3, 4]
+    assert doc["summary"]["stages"][-1]["end-round"] == 8
+    assert doc["summary"]["final-accuracy"] > 0.15  # chance 0.1; 2 rounds per block on 600 images
+    # uploads carry only the active block + output module: less than the full model per client
+    full = sum(v.numel() * v.element_size() for v in torch.load(run_dir / "model.pt", weights_only=True).values())
+    assert all(0 < r["bytes-up"] / r["participants"] < full for r in rows)
+    assert rows[2]["bytes-down"] > rows[3]["bytes-down"]  # first round of stage 2 also ships frozen block 1
+    pace = json.loads((run_dir / "pace.json").read_text())
+    assert len(pace["pace"]) == 8 and pace["stages"]["stage"] == 3
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    assert not any(k.startswith("outmod.") for k in state) and "head.2.weight" in state
