@@ -37,6 +37,7 @@ Commands:
   deploy-local [--nodes N] [--run-config "k=v ..."]
                       one federated run over the network on localhost: a SuperLink and
                       N SuperNodes (default 2), started and stopped by this script
+  bench NAME [args]   run benchmark bench/NAME.py (e.g. memory); prints a table, saves JSON
   setup               create/refresh .venv only
   lint                ruff check + format check
   help                this text
@@ -217,6 +218,15 @@ main() {
     setup) setup ;;
     run) setup; cmd_run "$@" ;;
     deploy-local) setup; cmd_deploy_local "$@" ;;
+    bench)
+      setup
+      [[ $# -gt 0 ]] || die "bench: name a benchmark: $(cd "$ROOT/bench" && ls -- *.py | grep -v __init__ | sed 's/\.py$//' | tr '\n' ' ')"
+      local name="$1"
+      shift
+      [[ -f "$ROOT/bench/$name.py" ]] || die "bench: unknown benchmark '$name'; valid: $(cd "$ROOT/bench" && ls -- *.py | grep -v __init__ | sed 's/\.py$//' | tr '\n' ' ')"
+      cd "$ROOT"
+      "$PY" -m "bench.$name" "$@"
+      ;;
     test) setup; cd "$ROOT"; exec_tests "$@" ;;
     test-fast) setup; cd "$ROOT"; exec_tests -m "not slow" "$@" ;;
     lint) setup; cd "$ROOT"; ruff check . && ruff format --check . ;;

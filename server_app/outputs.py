@@ -126,9 +126,15 @@ class RunRecorder:
                 ls="--",
                 label="clients (local val)",
             )
+        stages = [(r["round"], r["stage"]) for r in self.rounds if r.get("stage") is not None and r["round"] > 0]
+        for (_, prev), (rnd, cur) in zip(stages, stages[1:], strict=False):
+            if cur != prev:
+                ax.axvline(rnd - 0.5, color="grey", ls=":", lw=1)
+                ax.text(rnd - 0.4, ax.get_ylim()[0] + 1, f"stage {cur}", fontsize=7, color="grey")
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{self.cfg.strategy} · {self.cfg.model} w{self.cfg.width} · {self.cfg.dataset}")
+        data = Path(self.cfg.data_path).name if self.cfg.dataset == "npz" else self.cfg.dataset
+        ax.set_title(f"{self.cfg.strategy} · {self.cfg.model} w{self.cfg.width} · {data}")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
