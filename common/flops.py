@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.models import BlockModel
+from common.models import BlockModel, build_model
 from common.output_modules import build_output_module
 
 
@@ -82,7 +82,6 @@ def stage_flops(model: BlockModel, stage: int | None, input_shape: Sequence[int]
 def _stage_flops(
     arch: str, num_classes: int, width: float, stage: int | None, input_shape: tuple[int, ...]
 ) -> StageFlops:
-    from common.models import build_model
 
     model = build_model(arch, num_classes, width, seed=0)
     h = torch.zeros(1, *input_shape)
