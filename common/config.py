@@ -76,6 +76,7 @@ class RunConfig(BaseModel):
     client_threads: int = Field(1, ge=1, description="torch threads per client process")
     min_stage_rounds: int = Field(2, ge=1, description="progressive: fewest rounds per stage")
     max_stage_rounds: int = Field(0, ge=0, description="progressive: most rounds per stage (0 = no cap)")
+    outmod_warm_start: bool = Field(True, description="progressive: start each output module from the previous one")
     pace_metric: PaceMetric = "perturbation"
     pace_window: int = Field(5, ge=1, description="W: rounds of updates summed per scalar")
     pace_smooth: int = Field(3, ge=1, description="S: moving-average window of the block metric")

@@ -35,6 +35,35 @@ from server_app.outputs import RunRecorder, atomic_write_bytes
 from server_app.strategy import FedAvgStrategy, log
 
 
+def warm_start_arrays(arrays: dict[str, np.ndarray], stage: int, num_blocks: int) -> dict[str, np.ndarray]:
+    """Initial arrays for stage ``stage``'s output module (or head) from stage ``stage - 1``'s.
+
+    Output module k-1 is [conv for block k, conv for block k+1, ..., classifier]; output module k
+    is the same without its first conv (BN, ReLU), with identical shapes. So module k starts from
+    module k-1's trained layers for blocks k+1.. and its classifier; at the last stage the
+    model's head (pool, flatten, linear: the same layout as the classifier) starts from the last
+    output module's classifier. Without this every stage would start its tail from scratch.
+    """
+    prev = f"{OUTMOD_PREFIX}.{stage - 1}."
+    out: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        if not key.startswith(prev):
+            continue
+        rest = key[len(prev) :]
+        part, _, tail = rest.partition(".")
+        if part == "classifier":
+            new = f"head.{tail}" if stage == num_blocks - 1 else f"{OUTMOD_PREFIX}.{stage}.classifier.{tail}"
+        else:
+            index, _, name = tail.partition(".")
+            if int(index) < 3:  # conv, BN, ReLU standing in for block `stage`, now trained for real
+                continue
+            new = f"{OUTMOD_PREFIX}.{stage}.convs.{int(index) - 3}.{name}"
+        if new not in arrays or arrays[new].shape != value.shape:
+            raise KeyError(f"warm start: {key} has no counterpart {new} of the same shape")
+        out[new] = value.copy()
+    return out
+
+
 class SmartFreezeStrategy(FedAvgStrategy):
     """Progressive training with output modules, pace-controlled freezing and a stage machine."""
 
@@ -154,6 +183,8 @@ class SmartFreezeStrategy(FedAvgStrategy):
         if reason is not None:
             log.info("round %d: block %d frozen (%s); stage %d starts", server_round, block + 1, reason, self.stage + 1)
             self.pace.reset(self.stage)
+            if self.cfg.outmod_warm_start:
+                self.arrays.update(warm_start_arrays(self.arrays, self.stage, self.model.num_blocks))
         self._write_pace()
         return {
             "pace-metric": None if step is None else step.metric,

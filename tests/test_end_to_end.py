@@ -134,8 +134,8 @@ def test_smartfreeze_simulation_goes_through_every_stage(tmp_path: Path) -> None
             "--supernodes",
             "3",
             "--run-config",
-            f"{SMALL.replace('smallcnn', 'resnet10')} strategy='smartfreeze' num-rounds=8 min-stage-rounds=2 run-name='e2e-sf' "
-            f"output-dir='{tmp_path}'",
+            f"{SMALL.replace('smallcnn', 'resnet10')} strategy='smartfreeze' num-rounds=8 min-stage-rounds=2 "
+            f"run-name='e2e-sf' output-dir='{tmp_path}'",
         ],
         capture_output=True,
         text=True,
