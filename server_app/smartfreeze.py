@@ -135,7 +135,7 @@ class SmartFreezeStrategy(FedAvgStrategy):
             if set(arrays) != expected:
                 extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
                 raise ValueError(f"stage {self.stage + 1} reply: unexpected keys {extra[:3]}, missing {missing[:3]}")
-        self.arrays.update(weighted_average(updates))
+        self.merge(weighted_average(updates))
 
     def eval_payload(self, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, int | float | str | bool]]:
         """The whole stage sub-model (frozen prefix + active block + output module)."""

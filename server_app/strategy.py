@@ -140,7 +140,20 @@ class FedAvgStrategy(Strategy):
 
     def apply_updates(self, server_round: int, updates: list[tuple[dict[str, np.ndarray], float]]) -> None:
         """Aggregate replies into the global model (FedAvg, SmartFreeze Eq. 1)."""
-        self.arrays = weighted_average(updates)
+        self.merge(weighted_average(updates))
+
+    def merge(self, aggregated: dict[str, np.ndarray]) -> None:
+        """Write aggregated arrays into the global state, keeping each key's global shape.
+
+        Messages carry scalars as shape (1,); the global state keeps the model's own shapes.
+        """
+        for key, value in aggregated.items():
+            ref = self.arrays.get(key)
+            if ref is None:
+                raise KeyError(f"aggregated key {key!r} is not part of the global model")
+            if value.size != ref.size:
+                raise ValueError(f"aggregated {key!r} has {value.size} values, the global model {ref.size}")
+            self.arrays[key] = value.reshape(ref.shape)
 
     def on_reply(self, server_round: int, partition_id: int, metrics: dict) -> None:
         """Called for every successful training reply (per-node bookkeeping in subclasses)."""
