@@ -17,8 +17,10 @@ A train message says what to build through its config:
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
+import psutil
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -26,8 +28,12 @@ from torch import nn
 from common import protocol as P
 from common.config import RunConfig, parse_run_config
 from common.data import ClientData, client_data
+from common.devices import Device, simulated_device
+from common.flops import stage_flops
+from common.memory import MB, stage_memory, track_peak
 from common.models import BlockModel, build_model
-from common.node import NodeIdentity, node_identity
+from common.monitor import loss_statistics, measure_throughput, output_layer_gradient
+from common.node import NodeIdentity, node_identity, node_memory_mb
 from common.output_modules import OutputModule, StageModel, build_output_module, frozen_prefixes
 from common.training import evaluate, load_numpy, set_torch_threads, state_to_numpy, train_local
 
@@ -98,22 +104,70 @@ def _build(
     return sub, sub.trainable_prefixes()
 
 
+def _required_mb(cfg: RunConfig, num_classes: int, stage: int | None, input_shape: tuple[int, ...]) -> float:
+    """Modelled training memory (MB) of ``stage`` (None = full model) at the configured batch size."""
+    model = _model(cfg.model, num_classes, cfg.width)
+    return stage_memory(model, stage, cfg.batch_size, input_shape).total
+
+
+def _device(cfg: RunConfig, ident: NodeIdentity, context: Context, data: ClientData) -> Device:
+    """This node's memory budget (MB) and speed (FLOP/s; 0 = to be measured).
+
+    ``memory-mb`` in the node config always wins. ``device-profile='measured'`` (deployment)
+    takes the memory the OS reports available; any other profile derives the simulated device
+    from (seed, partition-id), scaled to the modelled full-model memory.
+    """
+    declared = node_memory_mb(context.node_config)
+    if cfg.device_profile == "measured":
+        return Device(declared or psutil.virtual_memory().available / MB, 0.0)
+    full_mb = _required_mb(cfg, data.num_classes, None, tuple(data.x_train.shape[1:]))
+    dev = simulated_device(
+        cfg.device_profile, ident.partition_id, cfg.seed, full_mb, cfg.device_min_fraction, cfg.device_memory_mb
+    )
+    return Device(declared, dev.speed_flops) if declared else dev
+
+
 def _held_blocks(context: Context) -> list[int]:
     return sorted({int(k.split(".")[1]) for k in _frozen_store(context)})
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report this node's partition and local data size."""
-    _, ident, data = _setup(context)
-    metrics = MetricRecord(
-        {
-            P.PARTITION_ID: ident.partition_id,
-            P.NUM_PARTITIONS: ident.num_partitions,
-            P.NUM_EXAMPLES: len(data.y_train),
-        }
-    )
-    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+    """The local monitor: partition, data size, memory budget and speed; with a model, more.
+
+    A query that carries arrays (full model or a stage sub-model, as in training) is also
+    answered with the local loss statistics (Eq. 9 inputs) and the measured throughput, and, if
+    the config asks ``want-grad``, with the output-layer gradient (Eq. 8 input) of the full model.
+    """
+    cfg, ident, data = _setup(context)
+    device = _device(cfg, ident, context, data)
+    values: dict[str, int | float] = {
+        P.PARTITION_ID: ident.partition_id,
+        P.NUM_PARTITIONS: ident.num_partitions,
+        P.NUM_EXAMPLES: len(data.y_train),
+        P.MEMORY_MB: device.memory_mb if math.isfinite(device.memory_mb) else -1.0,
+        P.SPEED_FLOPS: device.speed_flops,
+    }
+    content = RecordDict()
+    if P.ARRAYS in msg.content:
+        config: ConfigRecord = msg.content[P.CONFIG]
+        module, _ = _build(cfg, data.num_classes, config, P.from_record(msg.content[P.ARRAYS]), None)
+        loss_mean, loss_sq = loss_statistics(module, data.x_train, data.y_train, cfg.eval_batch_size)
+        throughput = measure_throughput(module, data.x_train, data.y_train, cfg.batch_size)
+        values.update({P.LOSS_MEAN: loss_mean, P.LOSS_SQ_MEAN: loss_sq, P.SAMPLES_PER_SECOND: throughput})
+        if device.speed_flops <= 0:
+            stage = int(config.get(P.STAGE, -1))
+            model = _model(cfg.model, data.num_classes, cfg.width)
+            values[P.SPEED_FLOPS] = throughput * stage_flops(model, None if stage < 0 else stage).total
+        if bool(config.get(P.WANT_GRAD, False)):
+            if not isinstance(module, BlockModel):
+                raise ValueError("want-grad needs the full model in the query (stage < 0)")
+            grad = output_layer_gradient(
+                module, data.x_train, data.y_train, steps=cfg.monitor_steps, batch_size=cfg.batch_size, lr=cfg.lr
+            )
+            content[P.GRAD] = ArrayRecord({P.GRAD: Array(grad)})
+    content[P.METRICS] = MetricRecord(values)
+    return Message(content, reply_to=msg)
 
 
 @app.train()
@@ -121,18 +175,27 @@ def train(msg: Message, context: Context) -> Message:
     """Train what the message asks for on the local partition; reply with the trained arrays."""
     cfg, ident, data = _setup(context)
     config: ConfigRecord = msg.content[P.CONFIG]
+    stage = int(config.get(P.STAGE, -1))
+    device = _device(cfg, ident, context, data)
+    required = _required_mb(cfg, data.num_classes, None if stage < 0 else stage, tuple(data.x_train.shape[1:]))
+    if bool(config.get(P.ENFORCE_BUDGET, True)) and not device.fits(required):
+        raise ValueError(
+            f"partition {ident.partition_id}: {'full model' if stage < 0 else f'stage {stage + 1}'} needs "
+            f"{required:.1f} MB (modelled), over this device's budget of {device.memory_mb:.1f} MB"
+        )
     module, prefixes = _build(cfg, data.num_classes, config, P.from_record(msg.content[P.ARRAYS]), context)
-    result = train_local(
-        module,
-        data.x_train,
-        data.y_train,
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        seed=int(config[P.SEED]),
-    )
+    with track_peak(module) as peak:
+        result = train_local(
+            module,
+            data.x_train,
+            data.y_train,
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            seed=int(config[P.SEED]),
+        )
     values: dict[str, int | float | list[int]] = {
         P.NUM_EXAMPLES: len(data.y_train),
         P.PARTITION_ID: ident.partition_id,
@@ -141,6 +204,10 @@ def train(msg: Message, context: Context) -> Message:
         P.TRAIN_SECONDS: result.seconds,
         P.SAMPLES_PER_SECOND: result.samples_per_second,
     }
+    if math.isfinite(peak.torch_peak_mb):
+        values[P.PEAK_MB] = peak.torch_peak_mb
+    if math.isfinite(peak.rss_peak_mb):
+        values[P.RSS_PEAK_MB] = peak.rss_peak_mb
     held = _held_blocks(context)
     if held:
         values[P.FROZEN_HELD] = held

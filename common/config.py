@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.data import DATASET_NAMES, DataSpec
+from common.devices import DEVICE_PROFILES, parse_list
 from common.models import MODEL_NAMES, build_model
 from common.pace import PACE_METRICS
 from common.partition import PARTITION_SCHEMES
@@ -29,6 +30,10 @@ ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
 DatasetName = Literal[DATASET_NAMES]  # type: ignore[valid-type]
 PartitionName = Literal[PARTITION_SCHEMES]  # type: ignore[valid-type]
 PaceMetric = Literal[PACE_METRICS]  # type: ignore[valid-type]
+DEVICE_CHOICES: tuple[str, ...] = (*DEVICE_PROFILES, "measured")
+DeviceProfile = Literal[DEVICE_CHOICES]  # type: ignore[valid-type]
+SELECTORS: tuple[str, ...] = ("rlcd", "random")
+SelectorName = Literal[SELECTORS]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -74,6 +79,13 @@ class RunConfig(BaseModel):
     run_name: str = Field("", description="output folder name; empty = <strategy>-<model>-<timestamp>")
     output_dir: str = Field("", description="absolute results root; empty = $PROGFL_OUTPUT_DIR or ./outputs")
     client_threads: int = Field(1, ge=1, description="torch threads per client process")
+    device_profile: DeviceProfile = Field("none", description="simulated memory/speed profile, or 'measured'")
+    device_min_fraction: float = Field(0.3, gt=0, le=1, description="smallest budget, share of full-model memory")
+    device_memory_mb: str = Field("", description="device-profile='list': comma-separated budgets in MB")
+    selector: SelectorName = Field("rlcd", description="smartfreeze participant selection")
+    selector_alpha: float = Field(2.0, ge=0, description="Oort straggler penalty exponent (0 = off)")
+    selector_deadline_percentile: float = Field(80.0, ge=0, le=100)
+    monitor_steps: int = Field(5, ge=1, description="SGD steps on the output layer for the Eq. 8 gradient")
     min_stage_rounds: int = Field(2, ge=1, description="progressive: fewest rounds per stage")
     max_stage_rounds: int = Field(0, ge=0, description="progressive: most rounds per stage (0 = no cap)")
     outmod_warm_start: bool = Field(True, description="progressive: start each output module from the previous one")
@@ -95,6 +107,8 @@ class RunConfig(BaseModel):
                 )
             if not Path(self.data_path).expanduser().is_file():
                 raise ValueError(f"data-path {self.data_path!r}: no such file")
+        if self.device_profile == "list":
+            parse_list(self.device_memory_mb, "device-memory-mb")
         if self.strategy in PROGRESSIVE_STRATEGIES:
             blocks = build_model(self.model, width=0.0625).num_blocks
             if self.max_stage_rounds and self.max_stage_rounds < self.min_stage_rounds:

@@ -46,3 +46,17 @@ def node_identity(node_config: Mapping[str, Any]) -> NodeIdentity:
     if not 0 <= pid < num:
         raise NodeConfigError(f"node-config partition-id={pid} outside range [0, {num - 1}] for num-partitions={num}")
     return NodeIdentity(pid, num)
+
+
+def node_memory_mb(node_config: Mapping[str, Any]) -> float | None:
+    """The ``memory-mb`` budget from a node config (MB), or None if absent; errors name the value."""
+    if "memory-mb" not in node_config:
+        return None
+    value = node_config["memory-mb"]
+    try:
+        mb = float(value)
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node-config memory-mb={value!r} is not a number (MB, e.g. memory-mb=512)") from None
+    if isinstance(value, bool) or not mb > 0 or mb != mb or mb == float("inf"):
+        raise NodeConfigError(f"node-config memory-mb={value!r} must be a positive number of MB")
+    return mb

@@ -18,7 +18,16 @@ ROUND = "server-round"
 SEED = "seed"
 STAGE = "stage"
 
+WANT_GRAD = "want-grad"
+ENFORCE_BUDGET = "enforce-budget"  # false for the unconstrained reference (fedavg)
+
 # metric keys (client -> server)
+MEMORY_MB = "memory-mb"  # the device's training budget in MB; -1 = unlimited
+SPEED_FLOPS = "speed-flops"  # the device's training speed, FLOP/s
+LOSS_MEAN = "loss-mean"
+PEAK_MB = "peak-mb"  # measured peak of PyTorch allocations during local training, MB
+RSS_PEAK_MB = "rss-peak-mb"  # measured process RSS peak during local training, MB
+GRAD = "output-grad"  # ArrayRecord key of the output-layer gradient (Eq. 8)
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"

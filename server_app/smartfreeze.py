@@ -20,15 +20,20 @@ frozen prefix; the final evaluation and ``model.pt`` are the full model.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.aggregate import weighted_average
+from common.community import RLCDConfig, data_importance, rl_cd, similarity_matrix
 from common.config import RunConfig
 from common.models import BlockModel
 from common.output_modules import OUTMOD_PREFIX, StageModel, build_output_modules, frozen_prefixes, stage_prefixes
 from common.pace import PaceConfig, PaceController
+from common.selector import ParticipantSelector, SelectorConfig
 from common.stages import StageMachine
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app.outputs import RunRecorder, atomic_write_bytes
@@ -68,6 +73,7 @@ class SmartFreezeStrategy(FedAvgStrategy):
     """Progressive training with output modules, pace-controlled freezing and a stage machine."""
 
     name = "smartfreeze"
+    enforces_budget = True
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)
@@ -92,6 +98,16 @@ class SmartFreezeStrategy(FedAvgStrategy):
         )
         self.pace.reset(0)
         self.frozen_held: dict[int, set[int]] = {}
+        self.selector = ParticipantSelector(
+            SelectorConfig(
+                alpha=cfg.selector_alpha, deadline_percentile=cfg.selector_deadline_percentile, seed=cfg.seed
+            )
+        )
+        self.grads: dict[int, np.ndarray] = {}
+        self.communities: list[list[int]] = []
+        self.community_splits: list[dict] = []
+        self.monitored_stage: int | None = None
+        self.monitor_bytes = 0
 
     @property
     def stage(self) -> int:
@@ -120,13 +136,86 @@ class SmartFreezeStrategy(FedAvgStrategy):
         return {**super().train_config(server_round, partition_id), P.STAGE: self.stage}
 
     def on_reply(self, server_round: int, partition_id: int, metrics: dict) -> None:
-        """Remember which frozen blocks the node holds."""
+        """Remember which frozen blocks the node holds; refresh its data importance (Eq. 9)."""
         held = metrics.get(P.FROZEN_HELD, [])
         self.frozen_held[partition_id] = {int(b) for b in held} if isinstance(held, list) else set()
+        if P.LOSS_SQ_MEAN in metrics:
+            importance = data_importance(int(metrics[P.NUM_EXAMPLES]), float(metrics[P.LOSS_SQ_MEAN]))
+            self.selector.record_success(partition_id, server_round, importance, self.completion_time(partition_id))
 
     def on_failure(self, server_round: int, partition_id: int) -> None:
-        """A failed node may have lost its frozen blocks: send them again next time."""
+        """A failed node may have lost its frozen blocks (send them again); its utility drops."""
         self.frozen_held.pop(partition_id, None)
+        self.selector.record_failure(partition_id, server_round)
+
+    # ------------------------------------------------------------------ monitor and selection
+    def current_stage(self) -> int | None:
+        """The 0-based stage being trained."""
+        return self.stage
+
+    def monitor(self, grid: Grid, arrays: dict[str, np.ndarray], stage: int, want_grad: bool, pids: list[int]) -> None:
+        """Query the local monitor of ``pids`` with a model; refresh budgets, speeds, importance, gradients."""
+        if not pids:
+            return
+        record = P.to_record(arrays)
+        config = {P.STAGE: stage, P.WANT_GRAD: want_grad, P.ROUND: self.machine.completed_rounds}
+        msgs = [
+            Message(
+                RecordDict({P.ARRAYS: ArrayRecord(dict(record.items())), P.CONFIG: ConfigRecord(config)}),
+                self.nodes[pid].node_id,
+                MessageType.QUERY,
+            )
+            for pid in pids
+        ]
+        self.monitor_bytes += record.count_bytes() * len(msgs)
+        by_node = {n.node_id: n for n in self.nodes.values()}
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            node = by_node.get(reply.metadata.src_node_id)
+            if node is None or reply.has_error():
+                reason = reply.error.reason if reply.has_error() else "unknown node"
+                log.warning("monitor query failed on node %s: %s", reply.metadata.src_node_id, reason)
+                continue
+            m = dict(reply.content[P.METRICS])
+            node.update(m)
+            importance = data_importance(node.num_examples, float(m.get(P.LOSS_SQ_MEAN, 0.0)))
+            self.selector.update_client(
+                node.partition_id, importance=importance, completion_time=self.completion_time(node.partition_id)
+            )
+            if want_grad and P.GRAD in reply.content:
+                self.grads[node.partition_id] = P.from_record(reply.content[P.GRAD])[P.GRAD]
+        self.monitored_stage = stage
+
+    def on_start(self, grid: Grid) -> None:
+        """First monitor query with the global model: budgets, speeds, importance, gradients; RL-CD."""
+        pids = sorted(self.nodes)
+        self.monitor(grid, self.final_arrays(), -1, self.cfg.selector == "rlcd", pids)
+        if self.cfg.selector != "rlcd":
+            return
+        have = [pid for pid in pids if pid in self.grads]
+        if len(have) < 2:
+            log.warning("RL-CD needs output-layer gradients from at least 2 nodes, got %d; no communities", len(have))
+            return
+        sim = similarity_matrix(np.stack([self.grads[pid] for pid in have]))
+        result = rl_cd(sim, RLCDConfig(seed=self.cfg.seed))
+        self.communities = [[have[i] for i in c] for c in result.communities]
+        self.community_splits = result.splits
+        self.selector.set_communities(self.communities)
+        first = len(result.first_level)
+        log.info("RL-CD: %d communities (%d from the first Louvain pass)", len(self.communities), first)
+
+    def before_round(self, grid: Grid, server_round: int) -> None:
+        """At a new stage, refresh the data importance of the nodes that fit it (Sec. IV-C3)."""
+        if self.monitored_stage != self.stage and self.cfg.selector == "rlcd":
+            arrays, _ = self.eval_payload(server_round)
+            self.monitor(grid, arrays, self.stage, False, self.eligible(server_round))
+
+    def sample(self, server_round: int) -> list[int]:
+        """Nodes that fit the stage, chosen by the selector (RL-CD + bandit) or uniformly (``selector='random'``)."""
+        if self.cfg.selector == "random":
+            return super().sample(server_round)
+        pool = self.eligible(server_round)
+        k = max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(self.nodes)))
+        return sorted(self.selector.select(server_round, pool, k, self.cfg.min_train_nodes))
 
     def apply_updates(self, server_round: int, updates: list[tuple[dict[str, np.ndarray], float]]) -> None:
         """Average the active block and output module (Eq. 1); everything else is untouched."""
@@ -204,8 +293,11 @@ class SmartFreezeStrategy(FedAvgStrategy):
         self.machine.finish()
         self._write_pace()
         return {
+            "communities": self.communities,
+            "community-splits": self.community_splits,
+            "monitor-bytes": self.monitor_bytes,
             "stages": [
                 {"stage": h.stage + 1, "start-round": h.start_round, "end-round": h.end_round, "reason": h.reason}
                 for h in self.machine.history
-            ]
+            ],
         }

@@ -31,6 +31,8 @@ from common import protocol as P
 from common.aggregate import weighted_average
 from common.config import RunConfig
 from common.data import held_out_set
+from common.flops import completion_time, round_time, stage_flops
+from common.memory import stage_memory
 from common.models import BlockModel, build_model
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app.outputs import RunRecorder
@@ -45,7 +47,17 @@ class NodeInfo:
     node_id: int
     partition_id: int
     num_examples: int
+    memory_mb: float = float("inf")
+    speed_flops: float = 0.0
     rounds_trained: list[int] = field(default_factory=list)
+
+    def update(self, metrics: dict) -> None:
+        """Take the monitor's memory budget (MB; -1 = unlimited) and speed (FLOP/s) from a reply."""
+        if P.MEMORY_MB in metrics:
+            mb = float(metrics[P.MEMORY_MB])
+            self.memory_mb = float("inf") if mb < 0 else mb
+        if float(metrics.get(P.SPEED_FLOPS, 0.0)) > 0:
+            self.speed_flops = float(metrics[P.SPEED_FLOPS])
 
 
 def derive_seed(*parts: int) -> int:
@@ -69,6 +81,8 @@ class FedAvgStrategy(Strategy):
         self._round_failures = 0
         self._round_participants: list[int] = []
         self._round_train_metrics: dict[str, float] = {}
+        self._required_cache: dict[int, float] = {}
+        self.sim_time = 0.0
 
     # ------------------------------------------------------------------ nodes and sampling
     def discover(self, grid: Grid) -> None:
@@ -105,14 +119,46 @@ class FedAvgStrategy(Strategy):
                 )
                 continue
             self.nodes[pid] = NodeInfo(src, pid, int(m[P.NUM_EXAMPLES]))
+            self.nodes[pid].update(dict(m))
         if len(self.nodes) < self.cfg.min_available_nodes:
             raise RuntimeError(
                 f"{len(self.nodes)} nodes answered the query; min-available-nodes={self.cfg.min_available_nodes}"
             )
 
+    # ------------------------------------------------------------------ resources
+    enforces_budget = False  # FedAvg is the unconstrained reference: it ignores memory budgets
+
+    def current_stage(self) -> int | None:
+        """0-based stage trained now, or None when the full model is trained."""
+        return None
+
+    def required_mb(self, stage: int | None = None) -> float:
+        """Modelled training memory (MB, Eq. 4) of ``stage`` (default: the current one) at the batch size."""
+        stage = self.current_stage() if stage is None else stage
+        key = -1 if stage is None else stage
+        if key not in self._required_cache:
+            shape = tuple(held_out_set(self.cfg.data_spec())[0].shape[1:])
+            self._required_cache[key] = stage_memory(self.model, stage, self.cfg.batch_size, shape).total
+        return self._required_cache[key]
+
+    def fits(self, partition_id: int) -> bool:
+        """True if the node's budget holds the current (sub-)model's modelled training memory."""
+        return self.nodes[partition_id].memory_mb >= self.required_mb()
+
+    def completion_time(self, partition_id: int) -> float:
+        """Simulated local training time in seconds of the node (Eq. 6); 0 if its speed is unknown."""
+        node = self.nodes[partition_id]
+        if node.speed_flops <= 0:
+            return 0.0
+        shape = tuple(held_out_set(self.cfg.data_spec())[0].shape[1:])
+        flops = stage_flops(self.model, self.current_stage(), shape).total
+        return completion_time(flops, node.num_examples, self.cfg.local_epochs, node.speed_flops)
+
     def eligible(self, server_round: int) -> list[int]:
-        """Partition ids that may train this round (all known nodes for FedAvg)."""
-        return sorted(self.nodes)
+        """Partition ids that may train this round: all nodes (FedAvg) or those that fit the budget."""
+        if not self.enforces_budget:
+            return sorted(self.nodes)
+        return sorted(pid for pid in self.nodes if self.fits(pid))
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids to train in ``server_round``: a seeded draw of fraction-train of the eligible."""
@@ -136,7 +182,11 @@ class FedAvgStrategy(Strategy):
 
     def train_config(self, server_round: int, partition_id: int) -> dict[str, int | float | str | bool]:
         """Per-node training config sent with the arrays."""
-        return {P.ROUND: server_round, P.SEED: derive_seed(self.cfg.seed, server_round, partition_id)}
+        return {
+            P.ROUND: server_round,
+            P.SEED: derive_seed(self.cfg.seed, server_round, partition_id),
+            P.ENFORCE_BUDGET: self.enforces_budget,
+        }
 
     def apply_updates(self, server_round: int, updates: list[tuple[dict[str, np.ndarray], float]]) -> None:
         """Aggregate replies into the global model (FedAvg, SmartFreeze Eq. 1)."""
@@ -154,6 +204,12 @@ class FedAvgStrategy(Strategy):
             if value.size != ref.size:
                 raise ValueError(f"aggregated {key!r} has {value.size} values, the global model {ref.size}")
             self.arrays[key] = value.reshape(ref.shape)
+
+    def on_start(self, grid: Grid) -> None:
+        """Called once all nodes are known, before round 1 (the monitor's first query in subclasses)."""
+
+    def before_round(self, grid: Grid, server_round: int) -> None:
+        """Called before each round is configured (e.g. re-query the monitor at a new stage)."""
 
     def on_reply(self, server_round: int, partition_id: int, metrics: dict) -> None:
         """Called for every successful training reply (per-node bookkeeping in subclasses)."""
@@ -203,6 +259,7 @@ class FedAvgStrategy(Strategy):
         updates: list[tuple[dict[str, np.ndarray], float]] = []
         bytes_up = 0
         losses: list[tuple[float, float]] = []
+        peaks: dict[str, list[float]] = {}
         replies = list(replies)
         by_node = {n.node_id: n for n in self.nodes.values()}
         succeeded: set[int] = set()
@@ -220,6 +277,9 @@ class FedAvgStrategy(Strategy):
             bytes_up += record.count_bytes()
             updates.append((P.from_record(record), n))
             losses.append((float(m[P.TRAIN_LOSS]), n))
+            for key in (P.PEAK_MB, P.RSS_PEAK_MB):
+                if key in m:
+                    peaks.setdefault(key, []).append(float(m[key]))
             node.rounds_trained.append(server_round)
             succeeded.add(node.partition_id)
             self.on_reply(server_round, node.partition_id, dict(m))
@@ -232,7 +292,14 @@ class FedAvgStrategy(Strategy):
             "bytes-up": float(bytes_up),
             "failures": float(self._round_failures),
             "participants": float(len(updates)),
+            "eligible": float(len(self.eligible(server_round))),
+            "modelled-memory-mb": self.required_mb(),
         }
+        metrics.update({f"max-{k}": max(v) for k, v in peaks.items()})
+        times = [self.completion_time(pid) for pid in succeeded]
+        metrics["sim-round-seconds"] = round_time(times)
+        self.sim_time += metrics["sim-round-seconds"]
+        metrics["sim-time"] = self.sim_time
         if losses:
             total = sum(w for _, w in losses)
             metrics["train-loss"] = sum(loss * w for loss, w in losses) / total
@@ -366,6 +433,7 @@ class FedAvgStrategy(Strategy):
         result = Result()
         self.summary()
         self.discover(grid)
+        self.on_start(grid)
         loss0, acc0 = self.evaluate_server()
         log.info("initial server evaluation: accuracy %.2f%% loss %.4f", 100 * acc0, loss0)
         self.recorder.add_round({"round": 0, **self.round_info(1), "server-accuracy": acc0, "server-loss": loss0})
@@ -373,6 +441,7 @@ class FedAvgStrategy(Strategy):
         for rnd in range(1, num_rounds + 1):
             t_round = time.monotonic()
             self.discover(grid)
+            self.before_round(grid, rnd)
             info = self.round_info(rnd)
             replies = grid.send_and_receive(
                 self.configure_train(rnd, ArrayRecord(), train_config, grid), timeout=timeout
