@@ -120,9 +120,18 @@ def _device(cfg: RunConfig, ident: NodeIdentity, context: Context, data: ClientD
     declared = node_memory_mb(context.node_config)
     if cfg.device_profile == "measured":
         return Device(declared or psutil.virtual_memory().available / MB, 0.0)
-    full_mb = _required_mb(cfg, data.num_classes, None, tuple(data.x_train.shape[1:]))
+    shape = tuple(data.x_train.shape[1:])
+    full_mb = _required_mb(cfg, data.num_classes, None, shape)
+    blocks = _model(cfg.model, data.num_classes, cfg.width).num_blocks
+    cheapest = min(_required_mb(cfg, data.num_classes, k, shape) for k in range(blocks))
     dev = simulated_device(
-        cfg.device_profile, ident.partition_id, cfg.seed, full_mb, cfg.device_min_fraction, cfg.device_memory_mb
+        cfg.device_profile,
+        ident.partition_id,
+        cfg.seed,
+        full_mb,
+        cfg.device_min_fraction,
+        cfg.device_memory_mb,
+        floor_mb=cheapest,
     )
     return Device(declared, dev.speed_flops) if declared else dev
 

@@ -14,9 +14,10 @@ background apps, after the Android Authority survey it cites):
   ``high-contention``, only ``FULL_FIT_SHARE`` (10 %) of devices can train the full model. The
   same scale applies to ``low-contention``, where far more devices fit. Our CIFAR models need
   tens of MB rather than GB, so absolute MB would make every device fit;
-* budgets are floored at ``min_fraction * full_mb`` (default 0.3): a device that cannot train
-  even the smallest stage could not take part in any strategy and is outside the population
-  studied.
+* budgets are floored at the larger of ``min_fraction * full_mb`` (default 0.3) and ``floor_mb``
+  (the caller passes the modelled memory of the cheapest progressive stage): a device that
+  cannot train even one block could not take part in any strategy and is outside the population
+  studied (the premise of SmartFreeze's evaluation, where every device trains some block).
 
 ``uniform`` draws budgets uniformly in [min_fraction, 1.5] x full_mb; ``list`` cycles through an
 explicit list of budgets (MB) by partition id. ``none`` gives every device an unlimited budget
@@ -94,6 +95,7 @@ def simulated_device(
     full_mb: float,
     min_fraction: float = 0.3,
     memory_list: str = "",
+    floor_mb: float = 0.0,
 ) -> Device:
     """The device of client ``partition_id`` under ``profile`` (see module docstring)."""
     if profile not in DEVICE_PROFILES:
@@ -106,7 +108,8 @@ def simulated_device(
     if profile == "list":
         budgets = parse_list(memory_list, "device-memory-mb")
         return Device(budgets[partition_id % len(budgets)], speed)
+    floor = max(min_fraction * full_mb, floor_mb)
     if profile == "uniform":
-        return Device(full_mb * float(rng.uniform(min_fraction, 1.5)), speed)
+        return Device(max(full_mb * float(rng.uniform(min_fraction, 1.5)), floor), speed)
     budget = full_mb * free_gb / _high_contention_quantile()
-    return Device(max(budget, min_fraction * full_mb), speed)
+    return Device(max(budget, floor), speed)
