@@ -79,7 +79,15 @@ def _build(
     With ``context`` (training), frozen blocks in the message are merged into the node's frozen
     store and missing ones are read from it; without (evaluation) the message must carry all.
     """
-    model = _model(cfg.model, num_classes, cfg.width)
+    width = float(config.get(P.WIDTH, cfg.width))
+    depth = int(config.get(P.DEPTH, 0))
+    if depth > 0:
+        from common.depthfl import client_module
+
+        module = client_module(cfg.model, num_classes, width, depth)
+        load_numpy(module, arrays, strict=True)
+        return module, None
+    model = _model(cfg.model, num_classes, width)
     stage = int(config.get(P.STAGE, -1))
     if stage < 0:
         load_numpy(model, arrays, strict=True)
@@ -95,7 +103,7 @@ def _build(
             store.update(fresh)
             context.state[FROZEN_STATE] = ArrayRecord({k: Array(v) for k, v in store.items()})
         arrays = {**{k: v for k, v in store.items() if frozen_keys and k.startswith(frozen_keys)}, **arrays}
-    om = _output_module(cfg.model, num_classes, cfg.width, stage) if stage < model.num_blocks - 1 else None
+    om = _output_module(cfg.model, num_classes, width, stage) if stage < model.num_blocks - 1 else None
     sub = StageModel(model, stage, om)
     missing = sorted({k.split(".")[1] for k in sub.state_dict() if k not in arrays and k.startswith("blocks.")})
     if missing:
@@ -104,9 +112,25 @@ def _build(
     return sub, sub.trainable_prefixes()
 
 
-def _required_mb(cfg: RunConfig, num_classes: int, stage: int | None, input_shape: tuple[int, ...]) -> float:
-    """Modelled training memory (MB) of ``stage`` (None = full model) at the configured batch size."""
-    model = _model(cfg.model, num_classes, cfg.width)
+def _required_mb(
+    cfg: RunConfig,
+    num_classes: int,
+    stage: int | None,
+    input_shape: tuple[int, ...],
+    width: float | None = None,
+    depth: int = 0,
+) -> float:
+    """Modelled training memory (MB) of what a message asks for, at the configured batch size.
+
+    ``stage`` (None = full model) of the model at ``width`` (default: the configured width), or
+    with ``depth`` > 0 DepthFL's prefix of ``depth`` blocks with its classifiers.
+    """
+    width = cfg.width if width is None else width
+    if depth > 0:
+        from common.depthfl import required_mb
+
+        return required_mb(cfg.model, num_classes, width, depth, cfg.batch_size, input_shape)
+    model = _model(cfg.model, num_classes, width)
     return stage_memory(model, stage, cfg.batch_size, input_shape).total
 
 
@@ -186,10 +210,17 @@ def train(msg: Message, context: Context) -> Message:
     config: ConfigRecord = msg.content[P.CONFIG]
     stage = int(config.get(P.STAGE, -1))
     device = _device(cfg, ident, context, data)
-    required = _required_mb(cfg, data.num_classes, None if stage < 0 else stage, tuple(data.x_train.shape[1:]))
+    required = _required_mb(
+        cfg,
+        data.num_classes,
+        None if stage < 0 else stage,
+        tuple(data.x_train.shape[1:]),
+        width=float(config.get(P.WIDTH, cfg.width)),
+        depth=int(config.get(P.DEPTH, 0)),
+    )
     if bool(config.get(P.ENFORCE_BUDGET, True)) and not device.fits(required):
         raise ValueError(
-            f"partition {ident.partition_id}: {'full model' if stage < 0 else f'stage {stage + 1}'} needs "
+            f"partition {ident.partition_id}: {'the model' if stage < 0 else f'stage {stage + 1}'} needs "
             f"{required:.1f} MB (modelled), over this device's budget of {device.memory_mb:.1f} MB"
         )
     module, prefixes = _build(cfg, data.num_classes, config, P.from_record(msg.content[P.ARRAYS]), context)

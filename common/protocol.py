@@ -17,6 +17,8 @@ METRICS = "metrics"
 ROUND = "server-round"
 SEED = "seed"
 STAGE = "stage"
+WIDTH = "width"  # width multiplier of the model to build (AllSmall, HeteroFL); default: run config's
+DEPTH = "depth"  # DepthFL: number of leading blocks (with their classifiers) to build
 
 WANT_GRAD = "want-grad"
 ENFORCE_BUDGET = "enforce-budget"  # false for the unconstrained reference (fedavg)

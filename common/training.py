@@ -45,10 +45,13 @@ def train_local(
 ) -> TrainResult:
     """SGD on ``(x, y)`` for ``epochs`` epochs with seeded shuffling.
 
-    Only parameters with ``requires_grad`` are optimised. Returns the mean training loss over
+    Only parameters with ``requires_grad`` are optimised. A model with a ``training_loss(outputs,
+    targets) -> per-sample losses`` method (e.g. DepthFL's multi-exit model) trains on that loss;
+    otherwise cross-entropy. Returns the mean training loss over
     all steps (per sample) and the mean of squared per-sample losses (input of SmartFreeze
     Eq. 9, data importance).
     """
+    loss_fn = getattr(model, "training_loss", None)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_local: the model has no trainable parameters")
@@ -68,7 +71,7 @@ def train_local(
             if len(idx) < 2 and n >= 2:
                 continue
             out = model(x[idx])
-            losses = F.cross_entropy(out, y[idx], reduction="none")
+            losses = loss_fn(out, y[idx]) if loss_fn is not None else F.cross_entropy(out, y[idx], reduction="none")
             loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
