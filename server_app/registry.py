@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from common.config import STRATEGY_NAMES, RunConfig
+from server_app.baselines import AllSmallStrategy, ExclusiveFLStrategy, OortStrategy, TiFLStrategy
 from server_app.outputs import RunRecorder
 from server_app.smartfreeze import SmartFreezeStrategy
 from server_app.strategy import FedAvgStrategy
@@ -10,6 +11,10 @@ from server_app.strategy import FedAvgStrategy
 STRATEGIES: dict[str, type[FedAvgStrategy]] = {
     "fedavg": FedAvgStrategy,
     "smartfreeze": SmartFreezeStrategy,
+    "exclusivefl": ExclusiveFLStrategy,
+    "allsmall": AllSmallStrategy,
+    "tifl": TiFLStrategy,
+    "oort": OortStrategy,
 }
 
 if set(STRATEGIES) != set(STRATEGY_NAMES):

@@ -83,6 +83,7 @@ class FedAvgStrategy(Strategy):
         self._round_train_metrics: dict[str, float] = {}
         self._required_cache: dict[int, float] = {}
         self.sim_time = 0.0
+        self._ever_eligible = False
 
     # ------------------------------------------------------------------ nodes and sampling
     def discover(self, grid: Grid) -> None:
@@ -128,6 +129,10 @@ class FedAvgStrategy(Strategy):
     # ------------------------------------------------------------------ resources
     enforces_budget = False  # FedAvg is the unconstrained reference: it ignores memory budgets
 
+    def input_shape(self) -> tuple[int, ...]:
+        """(channels, height, width) of one input image."""
+        return tuple(held_out_set(self.cfg.data_spec())[0].shape[1:])
+
     def current_stage(self) -> int | None:
         """0-based stage trained now, or None when the full model is trained."""
         return None
@@ -137,8 +142,7 @@ class FedAvgStrategy(Strategy):
         stage = self.current_stage() if stage is None else stage
         key = -1 if stage is None else stage
         if key not in self._required_cache:
-            shape = tuple(held_out_set(self.cfg.data_spec())[0].shape[1:])
-            self._required_cache[key] = stage_memory(self.model, stage, self.cfg.batch_size, shape).total
+            self._required_cache[key] = stage_memory(self.model, stage, self.cfg.batch_size, self.input_shape()).total
         return self._required_cache[key]
 
     def fits(self, partition_id: int) -> bool:
@@ -150,8 +154,7 @@ class FedAvgStrategy(Strategy):
         node = self.nodes[partition_id]
         if node.speed_flops <= 0:
             return 0.0
-        shape = tuple(held_out_set(self.cfg.data_spec())[0].shape[1:])
-        flops = stage_flops(self.model, self.current_stage(), shape).total
+        flops = stage_flops(self.model, self.current_stage(), self.input_shape()).total
         return completion_time(flops, node.num_examples, self.cfg.local_epochs, node.speed_flops)
 
     def eligible(self, server_round: int) -> list[int]:
@@ -211,6 +214,9 @@ class FedAvgStrategy(Strategy):
     def before_round(self, grid: Grid, server_round: int) -> None:
         """Called before each round is configured (e.g. re-query the monitor at a new stage)."""
 
+    def on_evaluate_reply(self, partition_id: int, accuracy: float) -> None:
+        """Called for every successful federated-evaluation reply (TiFL's tier accuracy)."""
+
     def on_reply(self, server_round: int, partition_id: int, metrics: dict) -> None:
         """Called for every successful training reply (per-node bookkeeping in subclasses)."""
 
@@ -232,6 +238,7 @@ class FedAvgStrategy(Strategy):
         strategy owns the global state and may send each node a different part of it).
         """
         self._round_participants = self.sample(server_round)
+        self._ever_eligible = self._ever_eligible or bool(self._round_participants)
         msgs: list[Message] = []
         self._round_bytes_down = 0
         cache: dict[int, ArrayRecord] = {}
@@ -355,6 +362,7 @@ class FedAvgStrategy(Strategy):
             m = reply.content[P.METRICS]
             if float(m[P.NUM_EXAMPLES]) > 0:
                 rows.append((float(m[P.EVAL_LOSS]), float(m[P.EVAL_ACCURACY]), float(m[P.NUM_EXAMPLES])))
+                self.on_evaluate_reply(int(m[P.PARTITION_ID]), float(m[P.EVAL_ACCURACY]))
         if not rows:
             return None
         total = sum(r[2] for r in rows)
@@ -475,7 +483,10 @@ class FedAvgStrategy(Strategy):
             eta = (now - t_start) / rnd * (num_rounds - rnd)
             self.progress(rnd, num_rounds, row, eta)
         if not any(n.rounds_trained for n in self.nodes.values()):
-            raise RuntimeError(f"no client trained successfully in {num_rounds} rounds; see the node errors above")
+            if self._ever_eligible:
+                raise RuntimeError(f"no client trained successfully in {num_rounds} rounds; see the node errors above")
+            log.warning("%s: no device's budget fits the model in any round; the model was never trained", self.name)
+            print(f"[{self.name}] no device fits the model: participation 0 %, the model is untrained", flush=True)
         final_loss, final_acc = self.final_evaluation()
         self.recorder.save_model(self.final_arrays())
         self.recorder.set_summary(
