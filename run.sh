@@ -10,6 +10,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 export FLWR_HOME="$ROOT/.flwr"
+FLWR_BASE="$FLWR_HOME"
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_DEDUP_LOGS=0
@@ -70,6 +71,19 @@ free_port() {
   "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
+# new_session: a private FLWR_HOME per run.sh invocation (.flwr/runs/<time>-<pid>), so that
+# concurrent invocations never share a connection file, a SuperLink or app installs; the 10 most
+# recent are kept for their logs.
+new_session() {
+  FLWR_HOME="$FLWR_BASE/runs/$(date +%Y%m%d-%H%M%S)-$$"
+  export FLWR_HOME
+  mkdir -p "$FLWR_HOME"
+  local old
+  old="$(ls -1d "$FLWR_BASE"/runs/*/ 2>/dev/null | sort | head -n -10 || true)"
+  [[ -n "$old" ]] && echo "$old" | xargs rm -rf
+  ln -sfn "$FLWR_HOME" "$FLWR_BASE/last"
+}
+
 cleanup() {
   local pid
   for pid in "${STARTED_PIDS[@]}"; do
@@ -117,13 +131,9 @@ write_connection() {
   local name="$1" port="$2"
   mkdir -p "$FLWR_HOME"
   cat >"$FLWR_HOME/config.toml" <<EOF
-# Written by run.sh. "local" is Flower's own auto-started local SuperLink (plain \`flwr run .\`);
-# "$name" is the SuperLink run.sh started for its last run (gone when run.sh returns).
+# Written by run.sh for this invocation only: the SuperLink it started (gone when run.sh returns).
 [superlink]
-default = "local"
-
-[superlink.local]
-address = ":local:"
+default = "$name"
 
 [superlink.$name]
 address = "127.0.0.1:$port"
@@ -135,7 +145,7 @@ EOF
 flwr_run() {
   local conn="$1" overrides="$2"
   shift 2
-  local logfile="$FLWR_HOME/last-run.log" rid status
+  local logfile="$FLWR_HOME/run.log" rid status
   local args=(run "$ROOT" "$conn" --stream "$@")
   [[ -n "$overrides" ]] && args+=(--run-config "$overrides")
   set +e
@@ -174,7 +184,8 @@ cmd_run() {
   overrides="$(preflight "${rcs[@]+"${rcs[@]}"}")" || exit 2
   local port
   port="$(free_port)"
-  mkdir -p "$FLWR_HOME" "$OUTPUTS"
+  mkdir -p "$OUTPUTS"
+  new_session
   export PROGFL_OUTPUT_DIR="$OUTPUTS"
   start_bg "$FLWR_HOME/superlink.log" flower-superlink --insecure --simulation --host 127.0.0.1 --port "$port"
   local sl=$LAST_PID
@@ -195,7 +206,8 @@ cmd_deploy_local() {
   [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
   local overrides
   overrides="$(preflight "${rcs[@]+"${rcs[@]}"}")" || exit 2
-  mkdir -p "$FLWR_HOME" "$OUTPUTS"
+  mkdir -p "$OUTPUTS"
+  new_session
   export PROGFL_OUTPUT_DIR="$OUTPUTS"
   local port
   port="$(free_port)"
