@@ -39,6 +39,9 @@ Commands:
                       one federated run over the network on localhost: a SuperLink and
                       N SuperNodes (default 2), started and stopped by this script
   bench NAME [args]   run benchmark bench/NAME.py (e.g. memory); prints a table, saves JSON
+  report DIR [DIR ...] [--out PATH]
+                      run report: one run folder -> DIR/report.html (static, self-contained);
+                      several -> a comparison page (default outputs/comparison-report.html)
   setup               create/refresh .venv only
   lint                ruff check + format check
   help                this text
@@ -47,7 +50,8 @@ Config keys and defaults: [tool.flwr.app.config] in pyproject.toml. Overrides go
 Flower's --run-config (validated first), e.g.
   ./run.sh run --run-config "strategy='fedavg' num-rounds=5"
   ./run.sh run --run-config "dataset='npz' data-path='../shared/data/cifar10_small.npz'" --supernodes 20
-Results: outputs/<run-name>/ (metrics.json, metrics.csv, config.json, model.pt, accuracy.png).
+Results: outputs/<run-name>/ (metrics.json, metrics.csv, config.json, model.pt, accuracy.png,
+report.html).
 EOF
 }
 
@@ -242,6 +246,11 @@ main() {
     test) setup; cd "$ROOT"; exec_tests "$@" ;;
     test-fast) setup; cd "$ROOT"; exec_tests -m "not slow" "$@" ;;
     lint) setup; cd "$ROOT"; ruff check . && ruff format --check . ;;
+    report)
+      setup
+      [[ $# -gt 0 ]] || die "report: name one or more run folders, e.g. ./run.sh report outputs/<run-name>"
+      PROGFL_OUTPUT_DIR="$OUTPUTS" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m server_app.report "$@"
+      ;;
     *) usage >&2; die "unknown command '$cmd'" ;;
   esac
 }

@@ -30,6 +30,7 @@ from common.config import RunConfig, parse_run_config
 from common.data import ClientData, client_data
 from common.devices import Device, simulated_device
 from common.flops import stage_flops
+from common.heterofl import build_heterofl_model
 from common.memory import MB, stage_memory, track_peak
 from common.models import BlockModel, build_model
 from common.monitor import loss_statistics, measure_throughput, output_layer_gradient
@@ -55,9 +56,19 @@ def _setup(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData]:
 
 
 @functools.lru_cache(maxsize=4)
-def _model(name: str, num_classes: int, width: float) -> BlockModel:
-    """One model skeleton per process; every use overwrites the state it uses first."""
+def _model(name: str, num_classes: int, width: float, static_bn: bool = False, scaler_rate: float = 1.0) -> BlockModel:
+    """One model skeleton per process; every use overwrites the state it uses first.
+
+    ``static_bn`` / ``scaler_rate`` build HeteroFL's variant (BN without running statistics, Scaler).
+    """
+    if static_bn or scaler_rate != 1.0:
+        return build_heterofl_model(name, num_classes, width, static_bn=static_bn, scaler_rate=scaler_rate)
     return build_model(name, num_classes, width)
+
+
+def _variant(config: ConfigRecord) -> tuple[bool, float]:
+    """HeteroFL's model variant a message asks for: (static BN, Scaler rate); (False, 1.0) otherwise."""
+    return bool(config.get(P.STATIC_BN, False)), float(config.get(P.SCALER, 1.0))
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,7 +98,7 @@ def _build(
         module = client_module(cfg.model, num_classes, width, depth)
         load_numpy(module, arrays, strict=True)
         return module, None
-    model = _model(cfg.model, num_classes, width)
+    model = _model(cfg.model, num_classes, width, *_variant(config))
     stage = int(config.get(P.STAGE, -1))
     if stage < 0:
         load_numpy(model, arrays, strict=True)
@@ -119,18 +130,20 @@ def _required_mb(
     input_shape: tuple[int, ...],
     width: float | None = None,
     depth: int = 0,
+    variant: tuple[bool, float] = (False, 1.0),
 ) -> float:
     """Modelled training memory (MB) of what a message asks for, at the configured batch size.
 
     ``stage`` (None = full model) of the model at ``width`` (default: the configured width), or
-    with ``depth`` > 0 DepthFL's prefix of ``depth`` blocks with its classifiers.
+    with ``depth`` > 0 DepthFL's prefix of ``depth`` blocks with its classifiers; ``variant`` is
+    HeteroFL's (static BN, Scaler rate), see :func:`_variant`.
     """
     width = cfg.width if width is None else width
     if depth > 0:
         from common.depthfl import required_mb
 
         return required_mb(cfg.model, num_classes, width, depth, cfg.batch_size, input_shape)
-    model = _model(cfg.model, num_classes, width)
+    model = _model(cfg.model, num_classes, width, *variant)
     return stage_memory(model, stage, cfg.batch_size, input_shape).total
 
 
@@ -217,6 +230,7 @@ def train(msg: Message, context: Context) -> Message:
         tuple(data.x_train.shape[1:]),
         width=float(config.get(P.WIDTH, cfg.width)),
         depth=int(config.get(P.DEPTH, 0)),
+        variant=_variant(config),
     )
     if bool(config.get(P.ENFORCE_BUDGET, True)) and not device.fits(required):
         raise ValueError(

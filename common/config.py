@@ -22,7 +22,15 @@ from common.models import MODEL_NAMES, build_model
 from common.pace import PACE_METRICS
 from common.partition import PARTITION_SCHEMES
 
-STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "smartfreeze", "exclusivefl", "allsmall", "tifl", "oort")
+STRATEGY_NAMES: tuple[str, ...] = (
+    "fedavg",
+    "smartfreeze",
+    "exclusivefl",
+    "allsmall",
+    "tifl",
+    "oort",
+    "heterofl",
+)
 PROGRESSIVE_STRATEGIES: tuple[str, ...] = ("smartfreeze",)
 
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
@@ -85,6 +93,7 @@ class RunConfig(BaseModel):
     selector: SelectorName = Field("rlcd", description="smartfreeze participant selection")
     selector_alpha: float = Field(2.0, ge=0, description="Oort straggler penalty exponent (0 = off)")
     selector_deadline_percentile: float = Field(80.0, ge=0, le=100)
+    reject_norm_factor: float = Field(10.0, ge=0, description="reject updates with norm > factor x median (0 = off)")
     tifl_tiers: int = Field(5, ge=1, description="TiFL: number of tiers by round time")
     monitor_steps: int = Field(5, ge=1, description="SGD steps on the output layer for the Eq. 8 gradient")
     min_stage_rounds: int = Field(2, ge=1, description="progressive: fewest rounds per stage")

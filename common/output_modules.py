@@ -6,7 +6,8 @@ global average pooling and a linear classifier, so that block k keeps its positi
 network (NeuLite/SmartFreeze). The last block has no output module: it uses the model's head.
 
 The *stage sub-model* of stage k is frozen blocks 0..k-1 (run without autograd, BN in eval
-mode), the active block k, and output module k (or the head for the last stage). Its state keys
+mode, in micro-batches of ``frozen_chunk`` samples), the active block k, and output module k (or
+the head for the last stage). Its state keys
 are the global ones (``blocks.<i>.*``, ``head.*``) plus ``outmod.<k>.*`` for the output module,
 so a sub-model's arrays drop straight into the server's global state.
 """
@@ -19,6 +20,8 @@ from torch import nn
 from common.models import BlockModel, BlockSpec
 
 OUTMOD_PREFIX = "outmod"
+DEFAULT_FROZEN_CHUNK = 16
+"""Samples per micro-batch of the frozen forward (:attr:`StageModel.frozen_chunk`); 0 = whole batch."""
 
 
 class OutputModule(nn.Module):
@@ -73,11 +76,19 @@ class StageModel(nn.Module):
 
     Shares its modules with the ``BlockModel`` and output module given, so loading arrays into
     it updates them. The frozen prefix has ``requires_grad=False``, stays in eval mode and runs
-    under ``torch.no_grad()``: no activations stored, no backward through it.
+    under ``torch.no_grad()``: no activations stored, no backward through it. It runs in
+    micro-batches of :attr:`frozen_chunk` samples (see :meth:`frozen_forward`).
     """
 
-    def __init__(self, model: BlockModel, stage: int, output_module: nn.Module | None) -> None:
+    def __init__(
+        self,
+        model: BlockModel,
+        stage: int,
+        output_module: nn.Module | None,
+        frozen_chunk: int = DEFAULT_FROZEN_CHUNK,
+    ) -> None:
         super().__init__()
+        self.frozen_chunk = frozen_chunk
         last = model.num_blocks - 1
         if not 0 <= stage <= last:
             raise ValueError(f"stage must be in 0..{last}, got {stage}")
@@ -106,12 +117,44 @@ class StageModel(nn.Module):
             return self.head(x)
         return getattr(self, OUTMOD_PREFIX)[str(self.stage)](x)
 
-    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward through the frozen prefix without autograd."""
-        with torch.no_grad():
-            for block in self.blocks[: self.stage]:
-                x = block(x)
+    @property
+    def frozen_chunk(self) -> int:
+        """Samples per micro-batch of the frozen forward (0: the whole batch at once); settable."""
+        return self._frozen_chunk
+
+    @frozen_chunk.setter
+    def frozen_chunk(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"frozen_chunk must be an int >= 0 (0 = no chunking), got {value!r}")
+        self._frozen_chunk = value
+
+    def _frozen_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks[: self.stage]:
+            x = block(x)
         return x
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through the frozen prefix without autograd, ``frozen_chunk`` samples at a time.
+
+        The frozen prefix keeps nothing for backward and its BN layers use their running
+        statistics (eval mode), so every sample's output depends on that sample alone: running it
+        in micro-batches and writing each into the output tensor gives the same result as one
+        batch, while the frozen blocks' intermediate activations and convolution buffers scale
+        with the chunk instead of the batch (memory: the output plus one chunk's working set).
+        """
+        chunk = self.frozen_chunk
+        with torch.no_grad():
+            if self.stage == 0 or chunk == 0 or len(x) <= chunk:
+                return self._frozen_blocks(x)
+            out: torch.Tensor | None = None
+            for start in range(0, len(x), chunk):
+                part = self._frozen_blocks(x[start : start + chunk])
+                if out is None:
+                    out = part.new_empty((len(x), *part.shape[1:]))
+                out[start : start + len(part)] = part
+                del part
+        assert out is not None
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.frozen_forward(x)

@@ -19,6 +19,8 @@ SEED = "seed"
 STAGE = "stage"
 WIDTH = "width"  # width multiplier of the model to build (AllSmall, HeteroFL); default: run config's
 DEPTH = "depth"  # DepthFL: number of leading blocks (with their classifiers) to build
+STATIC_BN = "static-bn"  # HeteroFL: build BN layers without running statistics (static BN); default false
+SCALER = "scaler-rate"  # HeteroFL: Scaler rate (inputs of norm layers divided by it in training); default 1
 
 WANT_GRAD = "want-grad"
 ENFORCE_BUDGET = "enforce-budget"  # false for the unconstrained reference (fedavg)

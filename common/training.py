@@ -50,6 +50,11 @@ def train_local(
     otherwise cross-entropy. Returns the mean training loss over
     all steps (per sample) and the mean of squared per-sample losses (input of SmartFreeze
     Eq. 9, data importance).
+
+    Each step frees the previous step's gradients (``zero_grad(set_to_none=True)``) before the
+    forward pass, so that they are not alive while the forward's activations are allocated: the
+    new gradients are born in the backward pass, as the activations are being released. The update
+    is the same as zeroing them between forward and backward (``common.memory`` models this order).
     """
     loss_fn = getattr(model, "training_loss", None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -70,10 +75,10 @@ def train_local(
             idx = order[i : i + batch_size]
             if len(idx) < 2 and n >= 2:
                 continue
+            opt.zero_grad(set_to_none=True)
             out = model(x[idx])
             losses = loss_fn(out, y[idx]) if loss_fn is not None else F.cross_entropy(out, y[idx], reduction="none")
             loss = losses.mean()
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():

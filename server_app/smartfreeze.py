@@ -19,6 +19,7 @@ frozen prefix; the final evaluation and ``model.pt`` are the full model.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -196,6 +197,9 @@ class SmartFreezeStrategy(FedAvgStrategy):
             log.warning("RL-CD needs output-layer gradients from at least 2 nodes, got %d; no communities", len(have))
             return
         sim = similarity_matrix(np.stack([self.grads[pid] for pid in have]))
+        buf = io.BytesIO()
+        np.save(buf, sim)  # rows/cols: the partition ids in `have` (sorted), i.e. the union of the communities
+        atomic_write_bytes(self.recorder.run_dir / "similarity.npy", buf.getvalue())
         result = rl_cd(sim, RLCDConfig(seed=self.cfg.seed))
         self.communities = [[have[i] for i in c] for c in result.communities]
         self.community_splits = result.splits
@@ -216,6 +220,10 @@ class SmartFreezeStrategy(FedAvgStrategy):
         pool = self.eligible(server_round)
         k = max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(self.nodes)))
         return sorted(self.selector.select(server_round, pool, k, self.cfg.min_train_nodes))
+
+    def expected_reply_keys(self, partition_id: int) -> set[str]:
+        """Replies carry the active block and output module only."""
+        return set(self._active_keys())
 
     def apply_updates(self, server_round: int, updates: list[tuple[dict[str, np.ndarray], float]]) -> None:
         """Average the active block and output module (Eq. 1); everything else is untouched."""

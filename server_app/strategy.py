@@ -36,6 +36,7 @@ from common.memory import stage_memory
 from common.models import BlockModel, build_model
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app.outputs import RunRecorder
+from server_app.validation import check_arrays, check_num_examples, norm_outliers, update_norm
 
 log = logging.getLogger("progfl")
 
@@ -80,10 +81,14 @@ class FedAvgStrategy(Strategy):
         self._round_bytes_down = 0
         self._round_failures = 0
         self._round_participants: list[int] = []
+        self._round_succeeded: list[int] = []
         self._round_train_metrics: dict[str, float] = {}
         self._required_cache: dict[int, float] = {}
         self.sim_time = 0.0
         self._ever_eligible = False
+        self._sent: dict[int, dict[str, np.ndarray]] = {}
+        self._round_rejections: list[tuple[int, str]] = []
+        self.rejections: dict[str, int] = {}
 
     # ------------------------------------------------------------------ nodes and sampling
     def discover(self, grid: Grid) -> None:
@@ -214,6 +219,17 @@ class FedAvgStrategy(Strategy):
     def before_round(self, grid: Grid, server_round: int) -> None:
         """Called before each round is configured (e.g. re-query the monitor at a new stage)."""
 
+    def expected_reply_keys(self, partition_id: int) -> set[str]:
+        """Array keys a training reply must hold: everything sent (subclasses that upload part override)."""
+        return set(self._sent[partition_id])
+
+    def reject(self, server_round: int, partition_id: int, reason: str) -> None:
+        """Drop a reply from aggregation, log why, and count it by reason."""
+        log.warning("round %d: reply of node %d rejected (%s)", server_round, partition_id, reason)
+        self._round_rejections.append((partition_id, reason))
+        kind = reason.split(":", 1)[0]
+        self.rejections[kind] = self.rejections.get(kind, 0) + 1
+
     def on_evaluate_reply(self, partition_id: int, accuracy: float) -> None:
         """Called for every successful federated-evaluation reply (TiFL's tier accuracy)."""
 
@@ -241,12 +257,15 @@ class FedAvgStrategy(Strategy):
         self._ever_eligible = self._ever_eligible or bool(self._round_participants)
         msgs: list[Message] = []
         self._round_bytes_down = 0
-        cache: dict[int, ArrayRecord] = {}
+        cache: dict[tuple, ArrayRecord] = {}
+        self._sent = {}
         for pid in self._round_participants:
             payload = self.train_payload(server_round, pid)
-            record = cache.get(id(payload))
+            self._sent[pid] = payload  # kept alive: the cache key holds the arrays' ids
+            key = (tuple(payload), tuple(id(v) for v in payload.values()))
+            record = cache.get(key)
             if record is None:
-                record = cache[id(payload)] = P.to_record(payload)
+                record = cache[key] = P.to_record(payload)
             node_arrays = ArrayRecord(dict(record.items()))
             node_config = ConfigRecord({**dict(config), **self.train_config(server_round, pid)})
             self._round_bytes_down += node_arrays.count_bytes()
@@ -270,6 +289,8 @@ class FedAvgStrategy(Strategy):
         replies = list(replies)
         by_node = {n.node_id: n for n in self.nodes.values()}
         succeeded: set[int] = set()
+        candidates: dict[int, tuple[dict[str, np.ndarray], dict]] = {}
+        self._round_rejections = []
         for reply in replies:
             node = by_node.get(reply.metadata.src_node_id)
             if node is None:
@@ -278,27 +299,52 @@ class FedAvgStrategy(Strategy):
             if reply.has_error():
                 log.warning("round %d: node %s failed: %s", server_round, node.partition_id, reply.error.reason)
                 continue
-            record = reply.content[P.ARRAYS]
-            m = reply.content[P.METRICS]
-            n = float(m[P.NUM_EXAMPLES])
+            pid = node.partition_id
+            if pid not in self._sent:
+                self.reject(server_round, pid, "unsolicited: node was not sampled this round")
+                continue
+            try:
+                record = reply.content[P.ARRAYS]
+                m = dict(reply.content[P.METRICS])
+                arrays = P.from_record(record)
+            except (KeyError, TypeError, ValueError) as exc:
+                self.reject(server_round, pid, f"malformed: {exc}")
+                continue
             bytes_up += record.count_bytes()
-            updates.append((P.from_record(record), n))
+            reason = check_num_examples(m.get(P.NUM_EXAMPLES), node.num_examples)
+            if reason is None and not math.isfinite(float(m.get(P.TRAIN_LOSS, math.nan))):
+                reason = f"metrics: train-loss {m.get(P.TRAIN_LOSS)!r} is missing or not finite"
+            reason = reason or check_arrays(arrays, self._sent[pid], self.expected_reply_keys(pid))
+            if reason:
+                self.reject(server_round, pid, reason)
+                continue
+            candidates[pid] = (arrays, m)
+        norms = {pid: update_norm(arrays, self._sent[pid]) for pid, (arrays, _) in candidates.items()}
+        if self.cfg.reject_norm_factor > 0:
+            for pid, reason in norm_outliers(norms, self.cfg.reject_norm_factor).items():
+                self.reject(server_round, pid, reason)
+                del candidates[pid]
+        for pid, (arrays, m) in sorted(candidates.items()):
+            n = float(m[P.NUM_EXAMPLES])
+            updates.append((arrays, n))
             losses.append((float(m[P.TRAIN_LOSS]), n))
             for key in (P.PEAK_MB, P.RSS_PEAK_MB):
                 if key in m:
                     peaks.setdefault(key, []).append(float(m[key]))
-            node.rounds_trained.append(server_round)
-            succeeded.add(node.partition_id)
-            self.on_reply(server_round, node.partition_id, dict(m))
+            self.nodes[pid].rounds_trained.append(server_round)
+            succeeded.add(pid)
+            self.on_reply(server_round, pid, m)
         for pid in self._round_participants:
             if pid not in succeeded:
                 self.on_failure(server_round, pid)
         self._round_failures = len(self._round_participants) - len(succeeded)
+        self._round_succeeded = sorted(succeeded)
         metrics: dict[str, float] = {
             "bytes-down": float(self._round_bytes_down),
             "bytes-up": float(bytes_up),
             "failures": float(self._round_failures),
             "participants": float(len(updates)),
+            "rejected": float(len(self._round_rejections)),
             "eligible": float(len(self.eligible(server_round))),
             "modelled-memory-mb": self.required_mb(),
         }
@@ -475,6 +521,7 @@ class FedAvgStrategy(Strategy):
                 "server-loss": loss,
                 **(dict(client_metrics) if client_metrics else {}),
                 **self._round_train_metrics,
+                "participant-ids": list(self._round_succeeded),
                 "round-seconds": now - t_round,
                 "wall-seconds": now - t_start,
             }
@@ -500,13 +547,25 @@ class FedAvgStrategy(Strategy):
             },
             **{"participation-rate": self.participation_rate(), "num-nodes": len(self.nodes)},
             **{
+                "node-memory-mb": {
+                    str(pid): n.memory_mb if math.isfinite(n.memory_mb) else -1.0
+                    for pid, n in sorted(self.nodes.items())
+                }
+            },
+            **{
                 "bytes-down": sum(r.get("bytes-down", 0) for r in self.recorder.rounds),
                 "bytes-up": sum(r.get("bytes-up", 0) for r in self.recorder.rounds),
             },
-            **{"wall-seconds": time.monotonic() - t_start},
+            **{"wall-seconds": time.monotonic() - t_start, "rejections": self.rejections},
             **self.summary_extras(),
         )
         self.recorder.plot_accuracy()
+        try:
+            from server_app.report import write_report
+
+            write_report(self.recorder.run_dir)
+        except Exception as exc:  # the report is a convenience: it must never fail the run
+            log.warning("could not write report.html in %s: %s", self.recorder.run_dir, exc, exc_info=True)
         return result
 
     def final_evaluation(self) -> tuple[float, float]:

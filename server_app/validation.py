@@ -3,8 +3,8 @@
 A reply is rejected, with a reason, when its arrays do not match what was sent (missing or
 extra keys, other shapes, non-float data where floats were sent), hold NaN or Inf, claim a
 ``num-examples`` that is not a positive integer or exceeds what the node reported holding, or
-when its update is far larger than the round's others (norm more than ``norm_factor`` times the
-median norm of the round, with at least three replies to compare).
+when its update is far larger than the round's others (root-mean-square update more than
+``norm_factor`` times the round's median, with at least three replies to compare).
 """
 
 from __future__ import annotations
@@ -54,14 +54,20 @@ def check_num_examples(value: object, known: int | None) -> str | None:
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of the update (reply minus what was sent) over the floating-point arrays."""
+    """Root-mean-square update (reply minus what was sent) over the floating-point values.
+
+    Per value rather than the plain L2 norm, so that sub-models of different sizes (HeteroFL's
+    width rates, DepthFL's depths) are compared fairly within a round.
+    """
     total = 0.0
+    count = 0
     for key, value in arrays.items():
         ref = sent[key]
         if np.issubdtype(ref.dtype, np.floating):
             diff = value.astype(np.float64).reshape(ref.shape) - ref
             total += float(np.dot(diff.ravel(), diff.ravel()))
-    return math.sqrt(total)
+            count += diff.size
+    return math.sqrt(total / count) if count else 0.0
 
 
 def norm_outliers(norms: Mapping[int, float], factor: float) -> dict[int, str]:

@@ -61,4 +61,5 @@ def test_update_norm_outlier_is_flagged_against_the_round() -> None:
     flagged = norm_outliers(norms, 10.0)
     assert set(flagged) == {3} and "median" in flagged[3]
     assert norm_outliers({0: 1.0, 1: 100.0}, 10.0) == {}  # too few to compare
-    assert update_norm(reply(w=np.full((2, 3), 2.0, np.float32)), SENT) == pytest.approx(np.sqrt(6.0))
+    # root-mean-square over the 9 float values: six moved by 1, three unchanged
+    assert update_norm(reply(w=np.full((2, 3), 2.0, np.float32)), SENT) == pytest.approx(np.sqrt(6.0 / 9.0))
