@@ -44,6 +44,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 log = logging.getLogger("progfl")
 
@@ -348,6 +349,12 @@ def _mark_stages(ax: Axes, spans: Sequence[StageSpan], label: bool = True) -> No
             )
 
 
+def _round_axis(ax: Axes) -> None:
+    """Label the x axis 'round' with integer ticks."""
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _freeze_events(run: RunData) -> list[tuple[int, int, str]]:
     """(round, 1-based block, reason) for every round that froze a block."""
     out = []
@@ -381,7 +388,7 @@ def panel_accuracy(run: RunData, spans: list[StageSpan]) -> str:
             ax_loss.plot(x, y, label=label, **style)
     for ax, ylabel in ((ax_acc, "accuracy (%)"), (ax_loss, "loss")):
         _mark_stages(ax, spans)
-        ax.set_xlabel("round")
+        _round_axis(ax)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -497,7 +504,7 @@ def panel_participation(run: RunData, spans: list[StageSpan]) -> str:
             if x:
                 ax.plot(x, y, marker="o", ms=3, label=label)
         _mark_stages(ax, spans)
-        ax.set_xlabel("round")
+        _round_axis(ax)
         ax.set_ylabel("clients")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -530,7 +537,7 @@ def panel_participation(run: RunData, spans: list[StageSpan]) -> str:
             for j in range(len(spans)):
                 dark = counts[i, j] > 0.6 * counts.max()
                 ax_heat.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color="w" if dark else "k")
-    fig.colorbar(im, ax=ax_heat, shrink=0.8, label="rounds")
+    fig.colorbar(im, ax=ax_heat, shrink=0.8, label="rounds", ticks=MaxNLocator(integer=True))
     colors = np.ones((len(ids), len(rounds), 4))
     budgets = node_budgets(run) or {}
     for k, row in enumerate(run.trained):
@@ -544,7 +551,7 @@ def panel_participation(run: RunData, spans: list[StageSpan]) -> str:
     for span in spans[1:]:
         ax_raster.axvline(span.first - 0.5, color="grey", ls=":", lw=1.2)
     ax_raster.set_yticks(range(0, len(ids), step), [str(p) for p in ids[::step]], fontsize=7)
-    ax_raster.set_xlabel("round")
+    _round_axis(ax_raster)
     ax_raster.set_title("who trained in which round (colour = stage)", fontsize=10)
     if budgets:
         labels = [("inf" if not math.isfinite(budgets.get(p, math.inf)) else f"{budgets[p]:.0f}") for p in ids[::step]]
@@ -630,7 +637,7 @@ def panel_pace(run: RunData, spans: list[StageSpan]) -> str:
     ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax_m.grid(alpha=0.3)
     ax_s.set_ylabel("relative slope / round")
-    ax_s.set_xlabel("round")
+    _round_axis(ax_s)
     ax_s.grid(alpha=0.3)
     if tau is not None:
         ax_s.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -731,7 +738,7 @@ def panel_bytes(run: RunData, spans: list[StageSpan]) -> str:
     ax.bar(np.array(xd) - 0.2, down, 0.4, label="down (server -> clients)", color="#4c72b0")
     ax.bar(np.array(xu) + 0.2, up, 0.4, label="up (clients -> server)", color="#dd8452")
     _mark_stages(ax, spans)
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("MB per round")
     ax.grid(alpha=0.3, axis="y")
     twin = ax.twinx()
@@ -849,7 +856,7 @@ def _comparison_accuracy(runs: Sequence[RunData], labels: Sequence[str]) -> str:
                 tx.append(t)
                 ty.append(acc)
         ax_t.plot(tx, ty, marker=".", color=_run_color(i), label=label)
-    ax_r.set_xlabel("round")
+    _round_axis(ax_r)
     ax_t.set_xlabel("simulated time (s, slowest selected client per round)")
     for ax in (ax_r, ax_t):
         ax.set_ylabel("server accuracy (%)")
@@ -884,7 +891,7 @@ def _comparison_memory(runs: Sequence[RunData], labels: Sequence[str]) -> str:
     for i, run in enumerate(runs):
         x_r, y_r = _series(run.trained, "modelled-memory-mb")
         ax_s.step(x_r, y_r, where="mid", color=_run_color(i), label=labels[i])
-    ax_s.set_xlabel("round")
+    _round_axis(ax_s)
     ax_s.set_ylabel("modelled MB")
     ax_s.set_title("modelled client memory per round", fontsize=10)
     ax_s.grid(alpha=0.3)
@@ -911,7 +918,7 @@ def _comparison_participation(runs: Sequence[RunData], labels: Sequence[str]) ->
     for k, (i, ids, counts) in enumerate(per_client):
         offset = (k - (len(per_client) - 1) / 2) * width
         ax_c.bar(np.array(ids) + offset, [counts[p] for p in ids], width, color=_run_color(i), label=labels[i])
-    ax_p.set_xlabel("round")
+    _round_axis(ax_p)
     ax_p.set_ylabel("clients that trained")
     ax_p.set_title("participants per round", fontsize=10)
     ax_c.set_xlabel("client (partition id)")
@@ -933,7 +940,7 @@ def _comparison_bytes(runs: Sequence[RunData], labels: Sequence[str]) -> str:
         xs = [int(r["round"]) for r in run.trained]
         per = [(_num(r.get("bytes-down")) or 0.0) + (_num(r.get("bytes-up")) or 0.0) for r in run.trained]
         ax.plot(xs, np.cumsum(per) / MB, color=_run_color(i), label=labels[i])
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("cumulative MB (down + up)")
     ax.grid(alpha=0.3)
     if ax.lines:
