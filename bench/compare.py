@@ -66,6 +66,12 @@ SCENARIOS: dict[str, Scenario] = {
         ("smartfreeze", "fedavg"),
         "CIFAR-10 small, 20 clients, 10 per round, IID, ResNet10 w0.25, no memory limit",
     ),
+    "faults": Scenario(
+        20,
+        f"{CIFAR} partition='iid' fraction-train=0.5 num-rounds=20",
+        ("clean=strategy='fedavg'", "faulty=strategy='fedavg' fault-rate=0.2 fault-mode='mixed'"),
+        "CIFAR-10 small, 20 clients, 10 per round, IID, ResNet10 w0.25, FedAvg; 20 % of replies faulty or hostile",
+    ),
     "smoke": Scenario(
         4,
         "model='smallcnn' synthetic-train-size=800 synthetic-test-size=200 device-profile='high-contention' "
@@ -153,6 +159,9 @@ def summarise(label: str, doc: dict[str, Any], target: float | None) -> dict[str
         "time-to-target-s": None if target is None else time_to_accuracy(rows, target),
         "bytes-moved": (s.get("bytes-down") or 0) + (s.get("bytes-up") or 0) + (s.get("monitor-bytes") or 0),
         "unconstrained": doc["config"]["strategy"] == "fedavg",
+        "rounds-completed": sum(1 for r in rows if r["round"] > 0 and (r.get("participants") or 0) > 0),
+        "failed-replies": int(sum(r.get("failures") or 0 for r in rows)),
+        "rejections": s.get("rejections") or {},
         "wall-seconds": doc.get("wall-seconds-total"),
     }
 
@@ -190,6 +199,12 @@ def markdown(name: str, scenario: Scenario, rows: list[dict[str, Any]], target: 
             f"{_fmt(r['modelled-memory-mb'])} | {_fmt(r['sim-time-s'], digits=0)} | "
             f"{_fmt(r['time-to-target-s'], digits=0)} | {_fmt(r['bytes-moved'] / 2**20, digits=0)} |"
         )
+    if any(r["failed-replies"] or r["rejections"] for r in rows):
+        lines += ["", "| entry | rounds completed | failed or rejected replies | rejected by reason |"]
+        lines.append("|---|---|---|---|")
+        for r in rows:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["rejections"].items())) or "—"
+            lines.append(f"| {r['entry']} | {r['rounds-completed']} | {r['failed-replies']} | {reasons} |")
     return "\n".join(lines) + "\n"
 
 

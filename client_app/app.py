@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from client_app.faults import corrupt, fault_for
 from common import protocol as P
 from common.config import RunConfig, parse_run_config
 from common.data import ClientData, client_data
@@ -265,7 +266,12 @@ def train(msg: Message, context: Context) -> Message:
     held = _held_blocks(context)
     if held:
         values[P.FROZEN_HELD] = held
-    content = RecordDict({P.ARRAYS: P.to_record(state_to_numpy(module, prefixes)), P.METRICS: MetricRecord(values)})
+    upload = state_to_numpy(module, prefixes)
+    fault = fault_for(cfg.fault_rate, cfg.fault_mode, cfg.seed, int(config[P.ROUND]), ident.partition_id)
+    if fault is not None:
+        sent = P.from_record(msg.content[P.ARRAYS])
+        upload, values[P.NUM_EXAMPLES] = corrupt(fault, upload, sent, len(data.y_train))
+    content = RecordDict({P.ARRAYS: P.to_record(upload), P.METRICS: MetricRecord(values)})
     return Message(content, reply_to=msg)
 
 

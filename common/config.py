@@ -41,6 +41,8 @@ PaceMetric = Literal[PACE_METRICS]  # type: ignore[valid-type]
 DEVICE_CHOICES: tuple[str, ...] = (*DEVICE_PROFILES, "measured")
 DeviceProfile = Literal[DEVICE_CHOICES]  # type: ignore[valid-type]
 SELECTORS: tuple[str, ...] = ("rlcd", "random")
+FAULT_MODES: tuple[str, ...] = ("raise", "nan", "huge", "keys", "shape", "examples", "mixed")
+FaultMode = Literal[FAULT_MODES]  # type: ignore[valid-type]
 SelectorName = Literal[SELECTORS]  # type: ignore[valid-type]
 
 
@@ -93,6 +95,10 @@ class RunConfig(BaseModel):
     selector: SelectorName = Field("rlcd", description="smartfreeze participant selection")
     selector_alpha: float = Field(2.0, ge=0, description="Oort straggler penalty exponent (0 = off)")
     selector_deadline_percentile: float = Field(80.0, ge=0, le=100)
+    min_replies: int = Field(1, ge=1, description="valid training replies needed to aggregate a round")
+    round_retries: int = Field(1, ge=0, description="times a round with too few valid replies is retried")
+    fault_rate: float = Field(0.0, ge=0, le=1, description="testing: share of training replies made faulty")
+    fault_mode: FaultMode = Field("raise", description="testing: how a faulty reply fails")
     reject_norm_factor: float = Field(10.0, ge=0, description="reject updates with norm > factor x median (0 = off)")
     tifl_tiers: int = Field(5, ge=1, description="TiFL: number of tiers by round time")
     monitor_steps: int = Field(5, ge=1, description="SGD steps on the output layer for the Eq. 8 gradient")

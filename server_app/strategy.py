@@ -357,8 +357,13 @@ class FedAvgStrategy(Strategy):
             total = sum(w for _, w in losses)
             metrics["train-loss"] = sum(loss * w for loss, w in losses) / total
         self._round_train_metrics = metrics
-        if not updates:
-            log.warning("round %d: no successful training reply; the global model is unchanged", server_round)
+        if len(updates) < self.cfg.min_replies:
+            log.warning(
+                "round %d: %d valid training replies, fewer than min-replies=%d; the global model is unchanged",
+                server_round,
+                len(updates),
+                self.cfg.min_replies,
+            )
             return None, MetricRecord(metrics)
         self.apply_updates(server_round, updates)
         return P.to_record(self.arrays), MetricRecord(metrics)
@@ -497,10 +502,17 @@ class FedAvgStrategy(Strategy):
             self.discover(grid)
             self.before_round(grid, rnd)
             info = self.round_info(rnd)
-            replies = grid.send_and_receive(
-                self.configure_train(rnd, ArrayRecord(), train_config, grid), timeout=timeout
-            )
-            agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            for attempt in range(self.cfg.round_retries + 1):
+                replies = grid.send_and_receive(
+                    self.configure_train(rnd, ArrayRecord(), train_config, grid), timeout=timeout
+                )
+                agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
+                if agg_arrays is not None or not self._round_participants:
+                    break
+                if attempt < self.cfg.round_retries:
+                    retries = self.cfg.round_retries
+                    log.warning("round %d: too few valid replies; retrying (%d/%d)", rnd, attempt + 1, retries)
+            self._round_train_metrics["attempts"] = attempt + 1
             if agg_arrays is not None:
                 result.arrays = agg_arrays
             if train_metrics is not None:

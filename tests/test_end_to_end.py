@@ -157,3 +157,27 @@ def test_smartfreeze_simulation_goes_through_every_stage(tmp_path: Path) -> None
     assert len(pace["pace"]) == 8 and pace["stages"]["stage"] == 3
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("outmod.") for k in state) and "head.2.weight" in state
+
+
+def test_simulation_survives_failing_and_hostile_clients(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [
+            str(ROOT / "run.sh"),
+            "run",
+            "--supernodes",
+            "4",
+            "--run-config",
+            f"{SMALL} num-rounds=4 fault-rate=0.4 fault-mode='mixed' min-train-nodes=1 run-name='e2e-faults' "
+            f"output-dir='{tmp_path}'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((tmp_path / "e2e-faults" / "metrics.json").read_text())
+    rows = doc["rounds"][1:]
+    assert len(rows) == 4
+    assert sum(r["failures"] for r in rows) > 0  # raised or rejected replies were dropped ...
+    assert all(r["participants"] + r["failures"] == 4 for r in rows)  # ... and the rest aggregated
+    assert doc["summary"]["final-accuracy"] > 0.1
