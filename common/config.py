@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.data import DATASET_NAMES, DataSpec
 from common.devices import DEVICE_PROFILES, parse_list
 from common.models import MODEL_NAMES, build_model
-from common.pace import PACE_METRICS
+from common.pace import PACE_METRICS, PaceConfig
 from common.partition import PARTITION_SCHEMES
+from common.selector import SelectorConfig
 
 STRATEGY_NAMES: tuple[str, ...] = (
     "fedavg",
@@ -157,6 +158,24 @@ class RunConfig(BaseModel):
             dirichlet_alpha=self.dirichlet_alpha,
             min_partition_size=self.min_partition_size,
             val_fraction=self.val_fraction,
+        )
+
+    def pace_config(self) -> PaceConfig:
+        """The pace controller's settings (pace-* keys)."""
+        return PaceConfig(
+            metric=self.pace_metric,
+            window=self.pace_window,
+            smooth=self.pace_smooth,
+            regress=self.pace_regress,
+            tau=self.pace_tau,
+            consecutive=self.pace_consecutive,
+            eps=self.pace_eps,
+        )
+
+    def selector_config(self) -> SelectorConfig:
+        """The participant selector's settings (selector-* keys and the run seed)."""
+        return SelectorConfig(
+            alpha=self.selector_alpha, deadline_percentile=self.selector_deadline_percentile, seed=self.seed
         )
 
     def to_flat(self) -> dict[str, Any]:

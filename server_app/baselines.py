@@ -16,7 +16,7 @@ from common import protocol as P
 from common.community import data_importance
 from common.config import RunConfig
 from common.models import build_model
-from common.selector import ParticipantSelector, SelectorConfig
+from common.selector import ParticipantSelector
 from common.tiers import assign_tiers, choose_width, tier_probabilities
 from common.training import state_to_numpy
 from server_app.outputs import RunRecorder
@@ -93,11 +93,7 @@ class OortStrategy(FedAvgStrategy):
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)
-        self.selector = ParticipantSelector(
-            SelectorConfig(
-                alpha=cfg.selector_alpha, deadline_percentile=cfg.selector_deadline_percentile, seed=cfg.seed
-            )
-        )
+        self.selector = ParticipantSelector(cfg.selector_config())
 
     def on_start(self, grid: Grid) -> None:
         """Completion-time estimates of every node (Eq. 6) for the straggler penalty."""

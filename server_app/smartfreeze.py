@@ -33,8 +33,8 @@ from common.community import RLCDConfig, data_importance, rl_cd, similarity_matr
 from common.config import RunConfig
 from common.models import BlockModel
 from common.output_modules import OUTMOD_PREFIX, StageModel, build_output_modules, frozen_prefixes, stage_prefixes
-from common.pace import PaceConfig, PaceController
-from common.selector import ParticipantSelector, SelectorConfig
+from common.pace import PaceController
+from common.selector import ParticipantSelector
 from common.stages import StageMachine
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app.outputs import RunRecorder, atomic_write_bytes
@@ -86,24 +86,10 @@ class SmartFreezeStrategy(FedAvgStrategy):
             min_rounds=cfg.min_stage_rounds,
             max_rounds=cfg.max_stage_rounds,
         )
-        self.pace = PaceController(
-            PaceConfig(
-                metric=cfg.pace_metric,
-                window=cfg.pace_window,
-                smooth=cfg.pace_smooth,
-                regress=cfg.pace_regress,
-                tau=cfg.pace_tau,
-                consecutive=cfg.pace_consecutive,
-                eps=cfg.pace_eps,
-            )
-        )
+        self.pace = PaceController(cfg.pace_config())
         self.pace.reset(0)
         self.frozen_held: dict[int, set[int]] = {}
-        self.selector = ParticipantSelector(
-            SelectorConfig(
-                alpha=cfg.selector_alpha, deadline_percentile=cfg.selector_deadline_percentile, seed=cfg.seed
-            )
-        )
+        self.selector = ParticipantSelector(cfg.selector_config())
         self.grads: dict[int, np.ndarray] = {}
         self.communities: list[list[int]] = []
         self.community_splits: list[dict] = []
