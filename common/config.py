@@ -31,6 +31,7 @@ STRATEGY_NAMES: tuple[str, ...] = (
     "tifl",
     "oort",
     "heterofl",
+    "depthfl",
 )
 PROGRESSIVE_STRATEGIES: tuple[str, ...] = ("smartfreeze",)
 

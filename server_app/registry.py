@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common.config import STRATEGY_NAMES, RunConfig
 from server_app.baselines import AllSmallStrategy, ExclusiveFLStrategy, OortStrategy, TiFLStrategy
+from server_app.depthfl import DepthFLStrategy
 from server_app.heterofl import HeteroFLStrategy
 from server_app.outputs import RunRecorder
 from server_app.smartfreeze import SmartFreezeStrategy
@@ -17,6 +18,7 @@ STRATEGIES: dict[str, type[FedAvgStrategy]] = {
     "tifl": TiFLStrategy,
     "oort": OortStrategy,
     "heterofl": HeteroFLStrategy,
+    "depthfl": DepthFLStrategy,
 }
 
 if set(STRATEGIES) != set(STRATEGY_NAMES):
