@@ -1,7 +1,7 @@
 """Memory of progressive training: modelled (SmartFreeze Eq. 4) vs measured, per stage and full model.
 
 Run: ``cd /work/main && .venv/bin/python -m bench.memory [--models resnet18 vgg16bn] [--batch-size 64]
-[--width 1.0] [--steps 3] [--json PATH] [--zero-grad-first] [--skip-overhead]``.
+[--width 1.0] [--steps 3] [--json PATH] [--frozen-chunk N] [--zero-grad-after-forward] [--skip-overhead]``.
 
 For each model and each training configuration (stage 1..B, i.e. 0-based stage 0..B-1 with its
 output module, and full-model training) it prints, all in MB = 2**20 bytes:
@@ -9,17 +9,20 @@ output module, and full-model training) it prints, all in MB = 2**20 bytes:
 * modelled: :func:`common.memory.stage_memory` (refined Eq. 4) and the paper's literal Eq. 4;
 * measured: :func:`common.memory.measure_training_peak` in a fresh subprocess per configuration
   (the client's ``train_local`` loop, SGD momentum 0.9, weight decay 5e-4, ``--steps`` steps on
-  random data): PyTorch's peak of live bytes (parameters and buffers + everything allocated in the
-  steps) and the process RSS peak and growth;
+  random data; the stage sub-model's frozen forward in micro-batches of ``--frozen-chunk``
+  samples, default :data:`common.output_modules.DEFAULT_FROZEN_CHUNK`, 0 = whole batch):
+  PyTorch's peak of live bytes (parameters and buffers + everything allocated in the steps) and
+  the process RSS peak and growth;
 * reduction of the measured torch peak vs full-model training (%), and model error
   (modelled / measured - 1, %).
 
 It checks the project targets (ResNet18: measured reductions >= 45/65/75/65 % for stages 1-4 and a
 mean >= 62 %; model within 15 % of the measured peak for every configuration) and, unless
 ``--skip-overhead``, times :func:`common.memory.track_peak` around a short training loop.
-``--zero-grad-first`` measures a variant of the loop that frees the previous gradients before the
-forward pass instead of after it (the model assumes ``train_local``'s order, so its error column
-then shows the difference). Results go to ``--json`` (default ``outputs/bench/memory.json``).
+``--zero-grad-after-forward`` measures the previous loop order, which freed the previous step's
+gradients only between the forward and the backward pass (the model assumes ``train_local``'s
+order, gradients freed before the forward pass, so its error column then shows the difference).
+Results go to ``--json`` (default ``outputs/bench/memory.json``).
 
 RSS grows by more than the torch peak: glibc keeps freed tensors in its heap (its mmap threshold
 rises to the largest freed block), so the resident set holds the high-water mark plus
@@ -45,7 +48,7 @@ from torch import nn
 
 from common.memory import measure_training_peak, stage_memory, track_peak
 from common.models import build_model
-from common.output_modules import StageModel, build_output_module
+from common.output_modules import DEFAULT_FROZEN_CHUNK, StageModel, build_output_module
 from common.training import train_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +59,7 @@ RESNET18_MEAN_TARGET = 62.0
 MODEL_ERROR_TARGET = 15.0
 
 
-def train_zero_grad_first(
+def train_zero_grad_after_forward(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -68,7 +71,8 @@ def train_zero_grad_first(
     weight_decay: float,
     seed: int,
 ) -> None:
-    """``train_local``'s loop with ``zero_grad(set_to_none=True)`` before the forward pass (what-if)."""
+    """``train_local``'s loop with ``zero_grad(set_to_none=True)`` after the forward pass (what-if:
+    the previous step's gradients stay alive during the forward)."""
     opt = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay
     )
@@ -78,19 +82,20 @@ def train_zero_grad_first(
         order = torch.randperm(len(y), generator=gen)
         for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
-            opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx], reduction="none").mean()
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
 
-def training_module(name: str, width: float, stage: int | None) -> nn.Module:
+def training_module(name: str, width: float, stage: int | None, frozen_chunk: int = DEFAULT_FROZEN_CHUNK) -> nn.Module:
     """The module a client trains: the full model (``stage=None``) or the stage sub-model."""
     model = build_model(name, width=width, seed=0)
     if stage is None:
         return model
     last = model.num_blocks - 1
-    return StageModel(model, stage, None if stage == last else build_output_module(model, stage))
+    outmod = None if stage == last else build_output_module(model, stage)
+    return StageModel(model, stage, outmod, frozen_chunk=frozen_chunk)
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -98,8 +103,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("overhead"):
         return overhead()
     warm_up()
-    module = training_module(spec["model"], spec["width"], spec["stage"])
-    train_fn = train_zero_grad_first if spec["zero_grad_first"] else train_local
+    module = training_module(spec["model"], spec["width"], spec["stage"], spec["frozen_chunk"])
+    train_fn = train_zero_grad_after_forward if spec["zero_grad_after_forward"] else train_local
     return measure_training_peak(module, spec["batch_size"], steps=spec["steps"], train_fn=train_fn)
 
 
@@ -174,7 +179,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for stage in stages:
         start = time.perf_counter()
-        modelled = stage_memory(model, stage, args.batch_size)
+        modelled = stage_memory(model, stage, args.batch_size, frozen_chunk=args.frozen_chunk)
         model_seconds = time.perf_counter() - start
         spec = {
             "model": name,
@@ -182,7 +187,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "stage": stage,
             "batch_size": args.batch_size,
             "steps": args.steps,
-            "zero_grad_first": args.zero_grad_first,
+            "frozen_chunk": args.frozen_chunk,
+            "zero_grad_after_forward": args.zero_grad_after_forward,
         }
         measured = run_worker(spec)
         rows.append(
@@ -268,7 +274,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=3, help="training steps measured per configuration")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    parser.add_argument("--zero-grad-first", action="store_true", help="measure the zero_grad-before-forward loop")
+    parser.add_argument(
+        "--frozen-chunk",
+        type=int,
+        default=DEFAULT_FROZEN_CHUNK,
+        help="samples per micro-batch of the stages' frozen forward (0 = whole batch)",
+    )
+    parser.add_argument(
+        "--zero-grad-after-forward",
+        action="store_true",
+        help="measure the previous loop order (gradients freed after the forward pass)",
+    )
     parser.add_argument("--skip-overhead", action="store_true", help="do not time track_peak's overhead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,7 +294,11 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for name in args.models:
-        print(f"{name}: width {args.width}, batch {args.batch_size}, 3x32x32, {args.steps} steps", flush=True)
+        print(
+            f"{name}: width {args.width}, batch {args.batch_size}, 3x32x32, {args.steps} steps, "
+            f"frozen chunk {args.frozen_chunk}",
+            flush=True,
+        )
         rows += bench_model(name, args)
     print()
     print_table(rows)
@@ -292,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
             "width": args.width,
             "input_shape": [3, 32, 32],
             "steps": args.steps,
-            "loop": "zero_grad before forward" if args.zero_grad_first else "common.training.train_local",
+            "loop": "zero_grad after forward" if args.zero_grad_after_forward else "common.training.train_local",
+            "frozen_chunk": args.frozen_chunk,
             "optimizer": "SGD momentum 0.9, weight decay 5e-4",
             "units": "MB = 2**20 bytes",
         },

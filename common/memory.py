@@ -16,8 +16,13 @@ Model (:func:`stage_memory`)
     plus the activation gradients and kernel buffers in flight (twice the saved bytes overestimates it: the
     gradients of early layers are produced only after the saved tensors of later layers are freed),
     and the frozen term is the frozen forward's working set (a block input kept for the shortcut,
-    layer input and output and convolution reorder buffers are live at once, not one tensor). The
-    frozen forward ends before the trained part starts, so the two are combined by a maximum.
+    layer input and output and convolution reorder buffers are live at once, not one tensor), here
+    of one micro-batch of :attr:`~common.output_modules.StageModel.frozen_chunk` samples plus the
+    frozen output. The frozen forward ends before the trained part starts, so the two are combined
+    by a maximum. The replay follows ``train_local``'s loop order: the previous step's gradients
+    are freed before the forward pass, so the parameter gradients are not alive during either
+    forward and are born during the backward pass (they count in the trained part's peak as they
+    appear), then live through the optimizer step.
     ``MemoryBreakdown.eq4_total`` keeps the paper's literal form for comparison.
 
 Measurement (:func:`track_peak`, :func:`measure_training_peak`)
@@ -53,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from common.models import BlockModel
-from common.output_modules import StageModel, build_output_module
+from common.output_modules import DEFAULT_FROZEN_CHUNK, StageModel, build_output_module
 from common.training import train_local
 
 __all__ = [
@@ -77,24 +82,28 @@ _cache: dict[tuple, MemoryBreakdown] = {}
 class MemoryBreakdown:
     """Modelled training memory of one stage (SmartFreeze Eq. 4), every field in MB (2**20 bytes).
 
-    ``total = params_trainable + grads + optimizer + params_frozen + buffers
-    + max(activations, frozen_peak_activation, step_transient)``: parameters, their gradients and
-    the momentum buffers live through the whole step (``train_local`` frees the previous gradients
-    only after the forward pass); the three transient terms belong to phases that do not overlap
-    (frozen forward, trained forward/backward, optimizer step).
+    ``total = params_trainable + optimizer + params_frozen + buffers
+    + max(activations, frozen_peak_activation, grads + step_transient)``: parameters and momentum
+    buffers live through the whole step; ``train_local`` frees the previous step's gradients before
+    the forward pass, so the gradients are transient too, born during the backward pass (part of
+    ``activations`` as far as they exist at its peak) and alive in the optimizer step. The three
+    transient terms belong to phases that do not overlap (frozen forward, trained forward/backward,
+    optimizer step).
     """
 
     activations: float
-    """Peak of the trained part's activation memory (Eq. 4 first term, in the paper twice the
+    """Peak of the trained part's transient memory (Eq. 4 first term, in the paper twice the
     block's activations): saved-for-backward tensors (the active block's input, the input batch when
     it is saved, the output module's or head's activations, logits), plus during backward the
-    activation gradients in flight and the kernels' reorder buffers, net of the parameter gradients
-    counted in ``grads``. The maximum over the end of the forward pass and the backward pass."""
+    activation gradients in flight, the kernels' reorder buffers and the parameter gradients
+    produced so far (``grads_at_activation_peak`` of them). The maximum over the forward pass and
+    the backward pass."""
     params_trainable: float
     """Parameters of the active block and of its output module (or the head at the last stage); of
     every block and the head for full-model training (Eq. 4: memory of the block parameters)."""
     grads: float
-    """Gradients of the trainable parameters (same size as ``params_trainable``)."""
+    """Gradients of the trainable parameters (same size as ``params_trainable``); alive from the
+    backward pass through the optimizer step, freed before the next forward pass."""
     optimizer: float
     """Optimizer state: SGD momentum, one buffer per trainable parameter (Eq. 4: optimizer memory)."""
     params_frozen: float
@@ -106,8 +115,9 @@ class MemoryBreakdown:
     buffers: float = 0.0
     """Non-parameter state of the stage sub-model (BatchNorm running statistics)."""
     step_transient: float = 0.0
-    """Optimizer step: with weight decay, CPU SGD (single-tensor path) adds it to one gradient at a
-    time into a new tensor, so the largest trainable parameter's size. 0 without weight decay."""
+    """Optimizer step, beyond the gradients: with weight decay, CPU SGD (single-tensor path) adds it
+    to one gradient at a time into a new tensor, so the largest trainable parameter's size. 0
+    without weight decay."""
     saved_activations: float = 0.0
     """Eq. 4's activations of the block: bytes saved for backward by the trained part at the end of
     the forward pass (distinct storages, parameters excluded). Informational; part of ``activations``."""
@@ -115,12 +125,15 @@ class MemoryBreakdown:
     """Eq. 4 literal last term: the largest single tensor of the frozen forward. Informational."""
     output_module: float = 0.0
     """Parameters of the output module (or the head): included in ``params_trainable``."""
+    grads_at_activation_peak: float = 0.0
+    """Parameter gradients alive at the trained part's peak (0 when it is in the forward pass):
+    included in ``activations``. Informational."""
 
     @property
     def total(self) -> float:
         """Modelled peak memory of a training step in MB (refined Eq. 4, see the class docstring)."""
-        persistent = self.params_trainable + self.grads + self.optimizer + self.params_frozen + self.buffers
-        return persistent + max(self.activations, self.frozen_peak_activation, self.step_transient)
+        persistent = self.params_trainable + self.optimizer + self.params_frozen + self.buffers
+        return persistent + max(self.activations, self.frozen_peak_activation, self.grads + self.step_transient)
 
     @property
     def eq4_total(self) -> float:
@@ -179,24 +192,35 @@ def _conv_workspace(func: Any, args: tuple, out: Any) -> int:
     """Transient bytes a CPU convolution allocates inside its kernel (invisible to dispatch), at most.
 
     oneDNN converts tensors to blocked layouts (channels padded to the SIMD block) and back. Fitted to
-    allocation traces of torch 2.14.1 on x86 (AVX2/AVX-512), within a few percent of a conv's own
+    allocation traces of torch 2.14.1 on x86 (AVX2/AVX-512), to within a few percent of a conv's own
     peak for the channel counts of the zoo (``bench/memory.py`` validates whole steps):
 
     * forward: the blocked output, or the reordered input (when its channels fill whole blocks)
       plus the reordered weight, whichever is larger;
-    * backward: the reordered weight, the blocked grad-output (at least the input's size: strided
-      convs keep a second input-sized buffer) and, for the weight gradient, a reordered input (the
-      padding of the blocked grad-input when that is larger).
+    * backward, relative to its outputs (input and weight gradients), the larger of its two phases.
+      Input gradient: the blocked grad-output, weight and grad-input, then the blocked grad-input
+      next to its plain copy (strided convolutions make one more plain copy of it). Weight
+      gradient, next to the input gradient: the blocked grad-output, the reordered input (none for
+      the few-channel first layer) and the blocked weight gradient, then that next to its plain copy.
     """
     if func is torch.ops.aten.convolution.default:
         inp, weight = args[0], args[1]
         reordered_input = _tensor_bytes(inp) if inp.shape[1] % _BLOCK == 0 else 0
         return max(reordered_input + _tensor_bytes(weight), _blocked_bytes(out))
     if func is torch.ops.aten.convolution_backward.default:
-        grad_out, inp, weight, output_mask = args[0], args[1], args[2], args[-1]
-        inp_bytes = _tensor_bytes(inp)
-        grad_in_padding = _blocked_bytes(inp) - inp_bytes if output_mask[0] else 0
-        return _tensor_bytes(weight) + max(_blocked_bytes(grad_out), inp_bytes) + max(grad_in_padding, inp_bytes)
+        grad_out, inp, weight, stride, output_mask = args[0], args[1], args[2], args[4], args[-1]
+        blocked_grad_out, blocked_weight = _blocked_bytes(grad_out), _blocked_bytes(weight)
+        grad_in = _tensor_bytes(inp) if output_mask[0] else 0
+        grad_weight = _tensor_bytes(weight) if output_mask[1] else 0
+        peak = 0
+        if output_mask[0]:
+            blocked_grad_in = _blocked_bytes(inp)
+            strided_copy = grad_in if any(s > 1 for s in stride) else 0
+            peak = max(blocked_grad_out + blocked_weight + blocked_grad_in, blocked_grad_in + grad_in + strided_copy)
+        if output_mask[1]:
+            reordered_input = _blocked_bytes(inp) if inp.shape[1] > 4 else 0
+            peak = max(peak, grad_in + blocked_weight + max(blocked_grad_out + reordered_input, grad_weight))
+        return max(0, peak - grad_in - grad_weight)
     return 0
 
 
@@ -205,20 +229,32 @@ class _LiveBytes(TorchDispatchMode):
 
     Storages of ``external`` tensors (parameters, buffers) are not counted; a storage stops counting
     when it is freed (a weakref finalizer on the storage). The peak includes convolution workspace.
+    Storages are numbered in allocation order, so that :meth:`born_by_peak` tells which of them
+    existed when the peak was reached.
     """
 
     def __init__(self, external: Iterable[torch.Tensor]) -> None:
         super().__init__()
         self._external = {_storage_key(t) for t in external}
         self._live: dict[int, int] = {}
+        self._born: dict[int, int] = {}
+        self._count = 0
         self.current = 0
         self.peak = 0
+        self.peak_count = 0
         self.largest = 0
 
     def reset_peak(self) -> None:
         """Start a new phase: peak = current live bytes, largest single tensor = 0."""
         self.peak = self.current
+        self.peak_count = self._count
         self.largest = 0
+
+    def born_by_peak(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Bytes of the distinct storages behind ``tensors`` allocated under the mode by the current
+        phase's peak (still alive at the peak if none of them was freed since)."""
+        storages = {_storage_key(t): t.untyped_storage().nbytes() for t in tensors}
+        return sum(n for k, n in storages.items() if 0 < self._born.get(k, 0) <= self.peak_count)
 
     def _release(self, key: int) -> None:
         self.current -= self._live.pop(key, 0)
@@ -233,11 +269,16 @@ class _LiveBytes(TorchDispatchMode):
             if key in self._external or key in self._live:
                 continue
             nbytes = storage.nbytes()
+            self._count += 1
             self._live[key] = nbytes
+            self._born[key] = self._count
             self.current += nbytes
             self.largest = max(self.largest, nbytes)
             weakref.finalize(storage, self._release, key)
-        self.peak = max(self.peak, self.current + _conv_workspace(func, args, out))
+        live = self.current + _conv_workspace(func, args, out)
+        if live > self.peak:
+            self.peak = live
+            self.peak_count = self._count
         return out
 
 
@@ -264,6 +305,8 @@ def stage_memory(
     input_shape: tuple[int, ...] = (3, 32, 32),
     momentum: bool = True,
     weight_decay: bool = True,
+    *,
+    frozen_chunk: int = DEFAULT_FROZEN_CHUNK,
 ) -> MemoryBreakdown:
     """Modelled memory (MB, 2**20 bytes) of one SGD step of ``stage`` (0-based) or of the full model.
 
@@ -277,16 +320,22 @@ def stage_memory(
 
     ``momentum``: SGD keeps one momentum buffer per parameter. ``weight_decay``: the optimizer step
     allocates a gradient-sized temporary for one parameter at a time (CPU single-tensor SGD).
+    ``frozen_chunk``: :attr:`StageModel.frozen_chunk` of the stage sub-model (samples per
+    micro-batch of the frozen forward, 0 = whole batch); the client's default unless it sets another.
     """
     if stage is not None and not 0 <= stage < model.num_blocks:
         raise ValueError(f"stage must be None or in 0..{model.num_blocks - 1}, got {stage}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    key = _cache_key(model, stage, batch_size, tuple(input_shape), momentum, weight_decay)
+    if frozen_chunk < 0:
+        raise ValueError(f"frozen_chunk must be >= 0 (0 = no chunking), got {frozen_chunk}")
+    if stage is None or stage == 0:
+        frozen_chunk = 0  # nothing frozen: the chunk size does not matter
+    key = _cache_key(model, stage, batch_size, tuple(input_shape), momentum, weight_decay, frozen_chunk)
     if key not in _cache:
         if len(_cache) >= _CACHE_SIZE:
             _cache.pop(next(iter(_cache)))
-        _cache[key] = _simulate(model, stage, batch_size, tuple(input_shape), momentum, weight_decay)
+        _cache[key] = _simulate(model, stage, batch_size, tuple(input_shape), momentum, weight_decay, frozen_chunk)
     return _cache[key]
 
 
@@ -297,8 +346,13 @@ def _simulate(
     input_shape: tuple[int, ...],
     momentum: bool,
     weight_decay: bool,
+    frozen_chunk: int,
 ) -> MemoryBreakdown:
-    """Replay one training step of the stage sub-model on meta tensors; see :func:`stage_memory`."""
+    """Replay one training step of the stage sub-model on meta tensors; see :func:`stage_memory`.
+
+    As in ``train_local``, no gradient exists when the forward pass starts; the backward pass
+    creates them, so its peak includes those produced by then.
+    """
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         meta = _meta_copy(model)
         meta.requires_grad_(True)
@@ -310,7 +364,7 @@ def _simulate(
         else:
             last = meta.num_blocks - 1
             outmod = None if stage == last else build_output_module(meta, stage)
-            net = StageModel(meta, stage, outmod)
+            net = StageModel(meta, stage, outmod, frozen_chunk=frozen_chunk)
             active = meta.blocks[stage]
             tail = outmod if outmod is not None else meta.head
             frozen = list(meta.blocks[:stage])
@@ -354,10 +408,13 @@ def _simulate(
             tracker.reset_peak()
             loss.backward()
             backward_peak = tracker.peak
+            grads_at_peak = tracker.born_by_peak(p.grad for p in trainable if p.grad is not None)
             del out, loss, y
     finally:
         handle.remove()
-    activations = max(forward_peak, backward_peak - trainable_bytes)
+    activations = max(forward_peak, backward_peak)
+    if forward_peak >= backward_peak:
+        grads_at_peak = 0
     has_frozen = bool(frozen)
     step = max((_tensor_bytes(p) for p in trainable), default=0) if weight_decay else 0
     return MemoryBreakdown(
@@ -372,6 +429,7 @@ def _simulate(
         saved_activations=saved_bytes / MB,
         frozen_largest_activation=(phase["frozen_largest"] if has_frozen else 0) / MB,
         output_module=tail_bytes / MB,
+        grads_at_activation_peak=grads_at_peak / MB,
     )
 
 

@@ -71,6 +71,13 @@ def frozen_prefixes(stage: int) -> tuple[str, ...]:
     return tuple(f"blocks.{i}." for i in range(stage))
 
 
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-D tensor laid out that way (and not also plainly contiguous), else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class StageModel(nn.Module):
     """Frozen blocks 0..k-1 + active block k + output module k (or the head at the last stage).
 
@@ -150,7 +157,12 @@ class StageModel(nn.Module):
             for start in range(0, len(x), chunk):
                 part = self._frozen_blocks(x[start : start + chunk])
                 if out is None:
-                    out = part.new_empty((len(x), *part.shape[1:]))
+                    out = torch.empty(
+                        (len(x), *part.shape[1:]),
+                        dtype=part.dtype,
+                        device=part.device,
+                        memory_format=_memory_format(part),
+                    )
                 out[start : start + len(part)] = part
                 del part
         assert out is not None

@@ -96,3 +96,52 @@ def test_client_uploads_only_active_block_and_output_module() -> None:
     # a node that holds nothing cannot build the stage from the active part alone
     with pytest.raises(KeyError, match=r"frozen block\(s\) \['0', '1'\]"):
         _build(cfg, 10, ConfigRecord({"stage": stage}), active_only, Context(1, 2, {}, RecordDict(), {}))
+
+
+@pytest.mark.parametrize("name", ["resnet10", "vgg11bn", "smallcnn"])
+def test_micro_batched_frozen_forward_equals_the_single_batch_one(name: str) -> None:
+    model = build_model(name, num_classes=10, width=0.25, seed=0)
+    x = torch.randn(11, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for stage in range(1, model.num_blocks):
+        sub = _stage(name, stage).train()
+        sub.frozen_chunk = 0
+        whole = sub.frozen_forward(x)
+        for chunk in (1, 4, 10, 11):
+            sub.frozen_chunk = chunk
+            parts = sub.frozen_forward(x)
+            assert parts.shape == whole.shape and parts.is_contiguous()
+            assert parts.grad_fn is None and not parts.requires_grad
+            torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
+        assert all(not block.training for block in sub.blocks[:stage])  # running statistics, not batch ones
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        sub.frozen_chunk = 4
+        parts = sub.frozen_forward(x_cl)
+        sub.frozen_chunk = 0
+        assert parts.stride() == sub.frozen_forward(x_cl).stride()  # the layout of the single-batch output
+        torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_chunk_default_setter_and_training_with_it() -> None:
+    from common.output_modules import DEFAULT_FROZEN_CHUNK
+    from common.training import train_local
+
+    assert DEFAULT_FROZEN_CHUNK == 16
+    assert _stage("resnet10", 2).frozen_chunk == DEFAULT_FROZEN_CHUNK
+    model = build_model("resnet10", num_classes=10, width=0.25, seed=0)
+    assert StageModel(model, 3, None, frozen_chunk=0).frozen_chunk == 0
+    sub = _stage("resnet10", 2)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="frozen_chunk"):
+            sub.frozen_chunk = bad
+    assert sub.frozen_chunk == DEFAULT_FROZEN_CHUNK
+    assert "frozen_chunk" not in "".join(sub.state_dict())  # not part of the uploaded state
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 3, 32, 32, generator=gen), torch.randint(0, 10, (24,), generator=gen)
+    results = {}
+    for chunk in (0, 5):
+        sub = _stage("resnet10", 2)
+        sub.frozen_chunk = chunk
+        results[chunk] = (train_local(sub, x, y, epochs=2, batch_size=12, lr=0.05).loss, sub.state_dict())
+    assert results[0][0] == pytest.approx(results[5][0], rel=1e-5)
+    for key, value in results[0][1].items():
+        torch.testing.assert_close(results[5][1][key], value, rtol=1e-4, atol=1e-5, msg=key)
