@@ -181,3 +181,33 @@ def test_simulation_survives_failing_and_hostile_clients(tmp_path: Path) -> None
     assert sum(r["failures"] for r in rows) > 0  # raised or rejected replies were dropped ...
     assert all(r["participants"] + r["failures"] == 4 for r in rows)  # ... and the rest aggregated
     assert doc["summary"]["final-accuracy"] > 0.1
+
+
+def test_every_strategy_runs_and_compare_writes_the_table(tmp_path: Path) -> None:
+    from common.config import STRATEGY_NAMES
+
+    res = subprocess.run(
+        [
+            str(ROOT / "run.sh"),
+            "bench",
+            "compare",
+            "--scenario",
+            "smoke",
+            "--entries",
+            *STRATEGY_NAMES,
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["entry"] for r in table["rows"]] == list(STRATEGY_NAMES)
+    for row in table["rows"]:
+        assert row["final-accuracy"] is not None and row["bytes-moved"] > 0, row
+        assert (tmp_path / "runs" / row["entry"] / "metrics.csv").is_file()
+        assert (tmp_path / "runs" / row["entry"] / "report.html").is_file()
+    assert (tmp_path / "comparison.md").read_text().count("\n|") >= len(STRATEGY_NAMES) + 1
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
