@@ -169,7 +169,11 @@ class FedAvgStrategy(Strategy):
         return sorted(pid for pid in self.nodes if self.fits(pid))
 
     def sample(self, server_round: int) -> list[int]:
-        """Partition ids to train in ``server_round``: a seeded draw of fraction-train of the eligible."""
+        """Partition ids to train in ``server_round``: a seeded draw among the eligible.
+
+        The round size is fraction-train of *all* nodes (as in "10 of 40 per round"), capped by
+        how many are eligible, so every strategy aims at the same number of participants.
+        """
         pool = self.eligible(server_round)
         if len(pool) < self.cfg.min_train_nodes:
             log.warning(
@@ -179,7 +183,7 @@ class FedAvgStrategy(Strategy):
                 self.cfg.min_train_nodes,
             )
             return pool
-        k = min(len(pool), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(pool))))
+        k = min(len(pool), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(self.nodes))))
         rng = np.random.default_rng([self.cfg.seed, server_round])
         return sorted(int(p) for p in rng.choice(pool, size=k, replace=False))
 
