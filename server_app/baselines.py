@@ -17,7 +17,7 @@ from common.community import data_importance
 from common.config import RunConfig
 from common.models import build_model
 from common.selector import ParticipantSelector
-from common.tiers import assign_tiers, choose_width, tier_probabilities
+from common.tiers import WIDTH_LADDER, assign_tiers, choose_width, tier_probabilities
 from common.training import state_to_numpy
 from server_app.outputs import RunRecorder
 from server_app.strategy import FedAvgStrategy, log
@@ -56,7 +56,12 @@ class AllSmallStrategy(FedAvgStrategy):
             model = build_model(self.cfg.model, self.num_classes, width)
             return self._memory_of(model) <= smallest
 
-        self.width = choose_width(self.cfg.width, fits)
+        try:
+            self.width = choose_width(self.cfg.width, fits)
+        except ValueError as exc:
+            self.width = self.cfg.width * min(WIDTH_LADDER)
+            log.warning("allsmall: %s; using width %g, trained only by the nodes it fits", exc, self.width)
+            print(f"[{self.name}] no width fits every budget; width {self.width:g} for those it fits", flush=True)
         self.model = build_model(self.cfg.model, self.num_classes, self.width, seed=self.cfg.seed)
         self.arrays = state_to_numpy(self.model)
         self._required_cache.clear()

@@ -79,3 +79,10 @@ def test_choose_width_walks_the_ladder() -> None:
     assert choose_width(1.0, lambda w: w <= 0.3) == 0.25
     with pytest.raises(ValueError, match="no width down to 0.0625"):
         choose_width(1.0, lambda w: False)
+
+
+def test_allsmall_falls_back_to_the_narrowest_width_when_nothing_fits(tmp_path: Path) -> None:
+    s = make(AllSmallStrategy, tmp_path, [0.01, 0.02], model="resnet10", width=0.5)
+    s.on_start(None)  # type: ignore[arg-type]
+    assert s.width == 0.5 * min(WIDTH_LADDER)
+    assert s.sample(1) == []  # nobody fits even that: nobody is sent a model over budget
