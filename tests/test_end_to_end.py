@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,21 @@ pytestmark = pytest.mark.slow
 SMALL = "model='smallcnn' synthetic-train-size=600 synthetic-test-size=200 batch-size=32"
 
 
-def _flower_leftovers() -> list[str]:
+def _flower_leftovers(marker: str) -> list[str]:
+    """Flower/Ray processes whose environment holds ``marker`` (i.e. started by this test's run.sh)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [
-        line
-        for line in out.splitlines()
-        if any(k in line for k in ("flower-superlink", "flower-supernode", "flwr-simulation"))
-    ]
+    names = ("flower-superlink", "flower-supernode", "flwr-simulation", "raylet", "gcs_server", "ray::")
+    found = []
+    for line in out.splitlines():
+        if not any(k in line for k in names):
+            continue
+        try:
+            environ = Path(f"/proc/{line.split()[0]}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in environ:
+            found.append(line)
+    return found
 
 
 def test_run_sh_rejects_bad_config_before_starting_anything() -> None:
@@ -40,7 +50,7 @@ def test_run_sh_rejects_bad_config_before_starting_anything() -> None:
 
 
 def test_simulation_via_run_sh_learns_and_cleans_up(tmp_path: Path) -> None:
-    before = _flower_leftovers()
+    env = {**os.environ, "PROGFL_OUTPUT_DIR": str(tmp_path)}  # marks every process this run starts
     res = subprocess.run(
         [
             str(ROOT / "run.sh"),
@@ -50,6 +60,7 @@ def test_simulation_via_run_sh_learns_and_cleans_up(tmp_path: Path) -> None:
             "--run-config",
             f"{SMALL} num-rounds=3 run-name='e2e-sim' output-dir='{tmp_path}' min-train-nodes=3 min-available-nodes=3",
         ],
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -67,7 +78,10 @@ def test_simulation_via_run_sh_learns_and_cleans_up(tmp_path: Path) -> None:
         assert (tmp_path / "e2e-sim" / name).stat().st_size > 0
     state = torch.load(tmp_path / "e2e-sim" / "model.pt", weights_only=True)
     assert "head.2.weight" in state
-    assert _flower_leftovers() == before
+    deadline = time.monotonic() + 20  # Ray workers exit on their own once their parent is gone
+    while _flower_leftovers(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _flower_leftovers(str(tmp_path)) == []
 
 
 def test_deployment_on_localhost_one_round(tmp_path: Path, processes: Processes) -> None:
