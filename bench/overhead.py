@@ -768,7 +768,7 @@ class PlainLoop:
             frozen_prefixes,
             stage_prefixes,
         )
-        from common.pace import PaceConfig, PaceController
+        from common.pace import PaceController
         from common.stages import StageMachine
         from common.training import load_numpy, state_to_numpy
         from server_app.smartfreeze import warm_start_arrays
@@ -780,17 +780,7 @@ class PlainLoop:
         output_modules = build_output_modules(model, seed=cfg.seed + 1)
         self.arrays.update({f"{OUTMOD_PREFIX}.{k}": v for k, v in state_to_numpy(output_modules).items()})
         machine = StageMachine(num_blocks, cfg.num_rounds, cfg.min_stage_rounds, cfg.max_stage_rounds)
-        pace = PaceController(
-            PaceConfig(
-                metric=cfg.pace_metric,
-                window=cfg.pace_window,
-                smooth=cfg.pace_smooth,
-                regress=cfg.pace_regress,
-                tau=cfg.pace_tau,
-                consecutive=cfg.pace_consecutive,
-                eps=cfg.pace_eps,
-            )
-        )
+        pace = PaceController(cfg.pace_config())
         rlcd = cfg.selector == "rlcd"
 
         def stage_model(stage: int) -> StageModel:
