@@ -30,14 +30,36 @@ usage() {
 Usage: ./run.sh [command] [options]
 
 Commands:
-  run [--run-config "k=v ..."] [--supernodes N] [--cpus-per-client C]
+  run [--run-config "k=v ..."] [--supernodes N] [--cpus-per-client C] [--ray-address HOST:PORT]
                       federated run in simulation (default command; default job: FedAvg,
-                      ResNet10 width 0.25, synthetic data, 10 simulated clients, 5 rounds)
+                      ResNet10 width 0.25, synthetic data, 10 simulated clients, 5 rounds);
+                      --ray-address (or env RAY_ADDRESS) runs the clients on an existing Ray
+                      cluster (ray start --head ...) instead of a private local one
+  resume DIR [--supernodes N] [--cpus-per-client C] [--run-config "k=v ..."]
+                      continue the simulation run in DIR (outputs/<run-name>) after its last
+                      completed round, with the config saved in DIR/checkpoint.npz; --supernodes
+                      defaults to the run's node count; --run-config may change only verbose,
+                      node-wait-seconds, round-timeout
   test [pytest args]  run the test suite (all tests, including end-to-end runs)
   test-fast           unit tests only (-m "not slow")
   deploy-local [--nodes N] [--run-config "k=v ..."]
                       one federated run over the network on localhost: a SuperLink and
                       N SuperNodes (default 2), started and stopped by this script
+  deploy superlink [--host H] [--port P] [--certs DIR | --insecure] [--auth-keys KEY.pub|DIR ...]
+                   [--database F]
+                      the SuperLink in the foreground (default 0.0.0.0:9091, TLS with DIR/ca.crt,
+                      server.crt, server.key, DIR default ./certs); --auth-keys turns on SuperNode
+                      authentication and registers the keys (make all with scripts/make_certs.sh)
+  deploy supernode --superlink HOST:PORT --partition-id I --num-partitions N [--memory-mb MB]
+                   [--data-path F] [--certs DIR | --root-cert F | --insecure] [--auth-key F]
+                   [--node-config "k=v ..."] [--host H] [--port P]
+                      a SuperNode in the foreground (one per device); budget default: the memory
+                      available at start-up; --data-path: this device's copy of the .npz
+  deploy register --superlink HOST:PORT [--certs DIR | --root-cert F] KEY.pub ...
+                      register more SuperNode public keys at a running SuperLink
+  deploy run --superlink HOST:PORT [--certs DIR | --root-cert F | --insecure] [--run-config "k=v ..."]
+                      submit a run to that SuperLink and stream it (device-profile='measured'
+                      unless the run config says otherwise)
   bench NAME [args]   run benchmark bench/NAME.py (e.g. memory); prints a table, saves JSON
   report DIR [DIR ...] [--out PATH]
                       run report: one run folder -> DIR/report.html (static, self-contained);
@@ -118,10 +140,17 @@ start_bg() {
   LAST_PID=$!
 }
 
+# wait_health PORT PID LOGFILE [CA [HOST]]: wait for the SuperLink's /health (https, verified
+# against CA, when CA is given; HOST defaults to 127.0.0.1)
 wait_health() {
-  local port="$1" pid="$2" logfile="$3"
+  local port="$1" pid="$2" logfile="$3" ca="${4:-}" host="${5:-127.0.0.1}" url
+  url="$([[ -n "$ca" ]] && echo https || echo http)://$host:$port/health"
   for _ in $(seq 1 150); do
-    if "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null; then
+    if "$PY" -c "import ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[2]) if sys.argv[2] else None
+if ctx:
+    ctx.check_hostname = False
+urllib.request.urlopen(sys.argv[1], timeout=1, context=ctx)" "$url" "$ca" 2>/dev/null; then
       return 0
     fi
     kill -0 "$pid" 2>/dev/null || { cat "$logfile" >&2; die "process $pid exited before becoming healthy"; }
@@ -164,6 +193,17 @@ flwr_run() {
   log "run $rid completed"
 }
 
+# quiet_env OVERRIDES: unless the run config says verbose=true, silence what means nothing to a
+# user: Flower's INFO/WARNING chatter (FLWR_LOG_LEVEL) and the torch profiler's per-start/stop lines
+# (KINETO_LOG_LEVEL); errors stay. Values already in the environment win.
+quiet_env() {
+  if [[ " $1 " == *" verbose=true "* ]]; then
+    export FLWR_LOG_LEVEL="${FLWR_LOG_LEVEL:-INFO}" KINETO_LOG_LEVEL="${KINETO_LOG_LEVEL:-3}"
+  else
+    export FLWR_LOG_LEVEL="${FLWR_LOG_LEVEL:-ERROR}" KINETO_LOG_LEVEL="${KINETO_LOG_LEVEL:-6}"
+  fi
+}
+
 preflight() {
   # prints the validated, normalised overrides; exits 2 with a clear message on bad config
   local args=(-m common.preflight --project "$ROOT" --output-dir "$OUTPUTS")
@@ -179,13 +219,18 @@ cmd_run() {
       --run-config) rcs+=("$2"); shift 2 ;;
       --supernodes) supernodes="$2"; shift 2 ;;
       --cpus-per-client) cpus="$2"; shift 2 ;;
-      *) die "run: unknown option '$1' (valid: --run-config, --supernodes, --cpus-per-client)" ;;
+      --ray-address)
+        [[ -n "${2:-}" ]] || die "--ray-address needs the address of a running Ray cluster's head, e.g. 10.0.0.5:6379"
+        export RAY_ADDRESS="$2"; shift 2 ;;
+      *) die "run: unknown option '$1' (valid: --run-config, --supernodes, --cpus-per-client, --ray-address)" ;;
     esac
   done
   [[ "$supernodes" =~ ^[1-9][0-9]*$ ]] || die "--supernodes must be a positive integer, got '$supernodes'"
   [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-client must be a positive integer, got '$cpus'"
   local overrides
   overrides="$(preflight "${rcs[@]+"${rcs[@]}"}")" || exit 2
+  quiet_env "$overrides"
+  [[ -n "${RAY_ADDRESS:-}" ]] && log "clients run on the Ray cluster at $RAY_ADDRESS"
   local port
   port="$(free_port)"
   mkdir -p "$OUTPUTS"
@@ -226,6 +271,287 @@ cmd_deploy_local() {
   flwr_run deploy "$overrides"
 }
 
+# ---------------------------------------------------------------- deploy (real devices)
+# `deploy superlink|supernode|register|run`: foreground processes for a federation over the network.
+# TLS is the default; --insecure only when asked. Certificates and SuperNode keys come from
+# scripts/make_certs.sh (default folder ./certs).
+
+is_loopback() { [[ "$1" == "127.0.0.1" || "$1" == "localhost" || "$1" == "::1" ]]; }
+
+check_port() {
+  [[ "$2" =~ ^[0-9]+$ && "$2" -ge 1 && "$2" -le 65535 ]] || die "$1 must be a port number in 1..65535, got '$2'"
+}
+
+check_address() {
+  [[ "$1" =~ ^(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9._-]+):([0-9]+)$ ]] || die "--superlink must be HOST:PORT (e.g. 192.168.1.10:9091), got '$1'"
+  check_port "--superlink port" "${BASH_REMATCH[2]}"
+}
+
+readable_file() {
+  [[ -f "$2" && -r "$2" ]] || die "$1 '$2': no such readable file"
+}
+
+# root_cert CERTS ROOT_CERT INSECURE: the CA file the client side verifies the SuperLink with
+# (empty when insecure); dies when TLS has no CA to use.
+root_cert() {
+  local certs="$1" ca="$2" insecure="$3"
+  if [[ "$insecure" -eq 1 ]]; then
+    [[ -z "$certs" && -z "$ca" ]] || die "--insecure and --certs/--root-cert exclude each other"
+    return 0
+  fi
+  [[ -n "$certs" && -n "$ca" ]] && die "give --certs DIR or --root-cert FILE, not both"
+  if [[ -z "$ca" ]]; then
+    ca="${certs:-$ROOT/certs}/ca.crt"
+    [[ -f "$ca" ]] || die "TLS is the default and '$ca' does not exist: copy the CA certificate from the SuperLink machine (--certs DIR or --root-cert FILE), or pass --insecure (trusted test network only)"
+  fi
+  readable_file "--root-cert" "$ca"
+  printf '%s\n' "$(cd "$(dirname "$ca")" && pwd)/$(basename "$ca")"
+}
+
+# deploy_connection NAME HOST:PORT CA: a connection in $FLWR_HOME/config.toml (CA empty = insecure)
+deploy_connection() {
+  local name="$1" address="$2" ca="$3"
+  mkdir -p "$FLWR_HOME"
+  {
+    printf '# Written by run.sh deploy for this invocation.\n[superlink]\ndefault = "%s"\n\n[superlink.%s]\naddress = "%s"\n' \
+      "$name" "$name" "$address"
+    if [[ -n "$ca" ]]; then printf 'root-certificates = "%s"\n' "$ca"; else printf 'insecure = true\n'; fi
+  } >"$FLWR_HOME/config.toml"
+}
+
+# register_keys CONNECTION KEY.pub...: register SuperNode public keys at the SuperLink (idempotent)
+register_keys() {
+  local conn="$1" key out
+  shift
+  for key in "$@"; do
+    if out="$(flwr supernode register "$key" "$conn" 2>&1)"; then
+      log "registered SuperNode key $key"
+    elif grep -q "already in use" <<<"$out"; then
+      log "SuperNode key $key was already registered"
+    else
+      printf '%s\n' "$out" >&2
+      die "could not register SuperNode key '$key'"
+    fi
+  done
+}
+
+# pub_keys ARG...: public key files from files and folders (every *.pub in a folder)
+pub_keys() {
+  local arg f found
+  for arg in "$@"; do
+    if [[ -d "$arg" ]]; then
+      found=0
+      for f in "${arg%/}"/*.pub; do
+        [[ -f "$f" ]] || continue
+        printf '%s\n' "$f"
+        found=1
+      done
+      [[ "$found" -eq 1 ]] || die "--auth-keys folder '$arg' holds no *.pub file"
+    else
+      readable_file "--auth-keys" "$arg"
+      printf '%s\n' "$arg"
+    fi
+  done
+}
+
+deploy_superlink() {
+  local host=0.0.0.0 port=9091 certs="" insecure=0 database="" keys=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --host) host="$2"; shift 2 ;;
+      --port) port="$2"; shift 2 ;;
+      --certs) certs="$2"; shift 2 ;;
+      --insecure) insecure=1; shift ;;
+      --database) database="$2"; shift 2 ;;
+      --auth-keys)
+        shift
+        while [[ $# -gt 0 && "$1" != --* ]]; do keys+=("$1"); shift; done
+        [[ ${#keys[@]} -gt 0 ]] || die "--auth-keys needs public key files or a folder of *.pub files"
+        ;;
+      *) die "deploy superlink: unknown option '$1' (valid: --host, --port, --certs, --insecure, --auth-keys, --database)" ;;
+    esac
+  done
+  check_port "--port" "$port"
+  local args=(flower-superlink --host "$host" --port "$port") ca="" scheme=https
+  if [[ "$insecure" -eq 1 ]]; then
+    [[ -z "$certs" ]] || die "--insecure and --certs exclude each other"
+    [[ ${#keys[@]} -eq 0 ]] || die "--auth-keys needs TLS: drop --insecure and give --certs DIR"
+    is_loopback "$host" || log "warning: SuperLink on $host without TLS: traffic is not encrypted and any SuperNode may join"
+    args+=(--insecure)
+    scheme=http
+  else
+    certs="${certs:-$ROOT/certs}"
+    local f
+    for f in ca.crt server.crt server.key; do
+      [[ -f "$certs/$f" ]] || die "TLS is the default and '$certs/$f' does not exist: run scripts/make_certs.sh --out $certs --host <this machine's name or IP>, or pass --insecure (trusted test network only)"
+      readable_file "--certs" "$certs/$f"
+    done
+    certs="$(cd "$certs" && pwd)"
+    ca="$certs/ca.crt"
+    args+=(--ssl-ca-certfile "$ca" --ssl-certfile "$certs/server.crt" --ssl-keyfile "$certs/server.key")
+  fi
+  local pubs=()
+  if [[ ${#keys[@]} -gt 0 ]]; then
+    local listed
+    listed="$(pub_keys "${keys[@]}")" || exit 2
+    mapfile -t pubs <<<"$listed"
+    args+=(--enable-supernode-auth)
+  elif [[ "$insecure" -eq 0 ]]; then
+    log "warning: no --auth-keys: SuperNode authentication is off, any SuperNode that trusts the CA may join"
+  fi
+  [[ -n "$database" ]] && args+=(--database "$database")
+  FLWR_HOME="$FLWR_BASE/deploy/superlink-$port"
+  export FLWR_HOME
+  mkdir -p "$FLWR_HOME"
+  log "starting the SuperLink on $host:$port ($([[ -n "$ca" ]] && echo TLS || echo insecure)$([[ ${#pubs[@]} -gt 0 ]] && echo ", SuperNode authentication"))"
+  "${args[@]}" &
+  local pid=$!
+  STARTED_PIDS+=("$pid")
+  local local_host="$host"
+  [[ "$host" == "0.0.0.0" || "$host" == "::" ]] && local_host=127.0.0.1
+  wait_health "$port" "$pid" /dev/null "$ca" "$local_host"
+  if [[ ${#pubs[@]} -gt 0 ]]; then
+    deploy_connection admin "$local_host:$port" "$ca"
+    register_keys admin "${pubs[@]}"
+  fi
+  log "SuperLink ready: $scheme://$host:$port (stop with Ctrl-C)"
+  wait "$pid"
+}
+
+deploy_supernode() {
+  local superlink="" pid_="" nparts="" memory="" data="" extra="" certs="" ca="" key="" insecure=0
+  local host=127.0.0.1 port=""
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --superlink) superlink="$2"; shift 2 ;;
+      --partition-id) pid_="$2"; shift 2 ;;
+      --num-partitions) nparts="$2"; shift 2 ;;
+      --memory-mb) memory="$2"; shift 2 ;;
+      --data-path) data="$2"; shift 2 ;;
+      --node-config) extra="$2"; shift 2 ;;
+      --certs) certs="$2"; shift 2 ;;
+      --root-cert) ca="$2"; shift 2 ;;
+      --auth-key) key="$2"; shift 2 ;;
+      --insecure) insecure=1; shift ;;
+      --host) host="$2"; shift 2 ;;
+      --port) port="$2"; shift 2 ;;
+      *) die "deploy supernode: unknown option '$1' (valid: --superlink, --partition-id, --num-partitions, --memory-mb, --data-path, --node-config, --certs, --root-cert, --auth-key, --insecure, --host, --port)" ;;
+    esac
+  done
+  [[ -n "$superlink" ]] || die "deploy supernode: --superlink HOST:PORT is required"
+  check_address "$superlink"
+  [[ -n "$pid_" && -n "$nparts" ]] || die "deploy supernode: --partition-id I and --num-partitions N are required (the data partition this device trains on)"
+  [[ -z "$port" ]] && port="$(free_port)"
+  check_port "--port" "$port"
+  local node_args=(--partition-id "$pid_" --num-partitions "$nparts")
+  [[ -n "$memory" ]] && node_args+=(--memory-mb "$memory")
+  [[ -n "$data" ]] && node_args+=(--data-path "$data")
+  [[ -n "$extra" ]] && node_args+=(--node-config "$extra")
+  local node_config
+  node_config="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m common.node "${node_args[@]}")" || exit 2
+  local args=(flower-supernode --superlink "$superlink" --node-config "$node_config" --host "$host" --port "$port")
+  local root
+  root="$(root_cert "$certs" "$ca" "$insecure")" || exit 2
+  if [[ "$insecure" -eq 1 ]]; then
+    [[ -z "$key" ]] || die "--auth-key needs TLS: drop --insecure"
+    args+=(--insecure)
+  else
+    args+=(--root-certificates "$root")
+    if [[ -n "$key" ]]; then
+      readable_file "--auth-key" "$key"
+      args+=(--auth-supernode-private-key "$key")
+    fi
+  fi
+  FLWR_HOME="$FLWR_BASE/deploy/supernode-$port"
+  export FLWR_HOME
+  mkdir -p "$FLWR_HOME"
+  log "starting a SuperNode for $superlink ($([[ "$insecure" -eq 1 ]] && echo insecure || echo TLS)$([[ -n "$key" ]] && echo ", key $key")): $node_config"
+  exec "${args[@]}"
+}
+
+deploy_register() {
+  local superlink="" certs="" ca="" keys=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --superlink) superlink="$2"; shift 2 ;;
+      --certs) certs="$2"; shift 2 ;;
+      --root-cert) ca="$2"; shift 2 ;;
+      --*) die "deploy register: unknown option '$1' (valid: --superlink, --certs, --root-cert, then KEY.pub files)" ;;
+      *) keys+=("$1"); shift ;;
+    esac
+  done
+  [[ -n "$superlink" ]] || die "deploy register: --superlink HOST:PORT is required"
+  check_address "$superlink"
+  [[ ${#keys[@]} -gt 0 ]] || die "deploy register: name the SuperNode public keys (*.pub) to register"
+  local root pubs=() listed
+  root="$(root_cert "$certs" "$ca" 0)" || exit 2
+  listed="$(pub_keys "${keys[@]}")" || exit 2
+  mapfile -t pubs <<<"$listed"
+  new_session
+  deploy_connection admin "$superlink" "$root"
+  register_keys admin "${pubs[@]}"
+}
+
+deploy_run() {
+  local superlink="" certs="" ca="" insecure=0 rcs=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --superlink) superlink="$2"; shift 2 ;;
+      --certs) certs="$2"; shift 2 ;;
+      --root-cert) ca="$2"; shift 2 ;;
+      --insecure) insecure=1; shift ;;
+      --run-config) rcs+=("$2"); shift 2 ;;
+      *) die "deploy run: unknown option '$1' (valid: --superlink, --certs, --root-cert, --insecure, --run-config)" ;;
+    esac
+  done
+  [[ -n "$superlink" ]] || die "deploy run: --superlink HOST:PORT is required"
+  check_address "$superlink"
+  local root overrides
+  root="$(root_cert "$certs" "$ca" "$insecure")" || exit 2
+  # real devices report their own budget and speed unless the run config says otherwise
+  overrides="$(preflight "device-profile='measured'" "${rcs[@]+"${rcs[@]}"}")" || exit 2
+  mkdir -p "$OUTPUTS"
+  new_session
+  export PROGFL_OUTPUT_DIR="$OUTPUTS"
+  deploy_connection deploy "$superlink" "$root"
+  flwr_run deploy "$overrides"
+}
+
+cmd_deploy() {
+  local sub="${1:-}"
+  [[ $# -gt 0 ]] && shift
+  case "$sub" in
+    superlink) deploy_superlink "$@" ;;
+    supernode) deploy_supernode "$@" ;;
+    register) deploy_register "$@" ;;
+    run) deploy_run "$@" ;;
+    *) die "deploy: name what to start: superlink, supernode, register or run (got '${sub}'); see ./run.sh help" ;;
+  esac
+}
+
+# resume DIR: the config saved in DIR's checkpoint plus resume=true, run like `run`
+cmd_resume() {
+  [[ $# -gt 0 && "$1" != --* ]] || die "resume: name a run folder, e.g. ./run.sh resume outputs/<run-name>"
+  local dir="$1" supernodes="" cpus=1 rcs=()
+  shift
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --run-config) rcs+=(--run-config "$2"); shift 2 ;;
+      --supernodes) supernodes="$2"; shift 2 ;;
+      --cpus-per-client) cpus="$2"; shift 2 ;;
+      *) die "resume: unknown option '$1' (valid: --run-config, --supernodes, --cpus-per-client)" ;;
+    esac
+  done
+  [[ -d "$dir" ]] || die "resume: no such run folder '$dir'"
+  dir="$(cd "$dir" && pwd)"
+  local helper=(env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m server_app.checkpoint)
+  local overrides
+  overrides="$("${helper[@]}" overrides "$dir" "${rcs[@]+"${rcs[@]}"}")" || exit 2
+  [[ -n "$supernodes" ]] || supernodes="$("${helper[@]}" nodes "$dir")" || exit 2
+  log "resuming $dir with $supernodes simulated clients"
+  cmd_run --supernodes "$supernodes" --cpus-per-client "$cpus" --run-config "$overrides"
+}
+
 main() {
   local cmd="${1:-run}"
   [[ $# -gt 0 ]] && shift
@@ -233,7 +559,9 @@ main() {
     help | -h | --help) usage ;;
     setup) setup ;;
     run) setup; cmd_run "$@" ;;
+    resume) setup; cmd_resume "$@" ;;
     deploy-local) setup; cmd_deploy_local "$@" ;;
+    deploy) setup; cmd_deploy "$@" ;;
     bench)
       setup
       [[ $# -gt 0 ]] || die "bench: name a benchmark: $(cd "$ROOT/bench" && ls -- *.py | grep -v __init__ | sed 's/\.py$//' | tr '\n' ' ')"

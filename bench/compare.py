@@ -50,7 +50,7 @@ SCENARIOS: dict[str, Scenario] = {
         40,
         f"{CIFAR} partition='dirichlet' dirichlet-alpha=0.5 device-profile='high-contention' fraction-train=0.25 "
         "num-rounds=60",
-        ("smartfreeze", "fedavg"),
+        ("smartfreeze", "profl", "fedll=strategy='fedll' fedll-rounds-per-layer=15", "fedavg"),
         "CIFAR-10 small, 40 clients, 10 per round, Dirichlet 0.5, ResNet10 w0.25, high-contention memory",
     ),
     "selector": Scenario(
@@ -69,8 +69,14 @@ SCENARIOS: dict[str, Scenario] = {
     "faults": Scenario(
         20,
         f"{CIFAR} partition='iid' fraction-train=0.5 num-rounds=20",
-        ("clean=strategy='fedavg'", "faulty=strategy='fedavg' fault-rate=0.2 fault-mode='mixed'"),
-        "CIFAR-10 small, 20 clients, 10 per round, IID, ResNet10 w0.25, FedAvg; 20 % of replies faulty or hostile",
+        (
+            "clean=strategy='fedavg'",
+            "faulty=strategy='fedavg' fault-rate=0.2 fault-mode='mixed'",
+            "sf-clean=strategy='smartfreeze'",
+            "sf-faulty=strategy='smartfreeze' fault-rate=0.2 fault-mode='mixed'",
+        ),
+        "CIFAR-10 small, 20 clients, 10 per round, IID, ResNet10 w0.25, FedAvg and SmartFreeze; "
+        "20 % of replies faulty or hostile",
     ),
     "smoke": Scenario(
         4,
@@ -178,6 +184,13 @@ def _fmt(value: Any, pct: bool = False, digits: int = 1) -> str:
     return str(value)
 
 
+def _points(value: float | None, base: float | None) -> str:
+    """Difference of two accuracies in percentage points, signed (— if either is missing)."""
+    if value is None or base is None:
+        return "—"
+    return f"{100 * (value - base):+.1f}"
+
+
 def markdown(name: str, scenario: Scenario, rows: list[dict[str, Any]], target: float | None, ref: str) -> str:
     """The comparison table as Markdown."""
     lines = [
@@ -200,11 +213,26 @@ def markdown(name: str, scenario: Scenario, rows: list[dict[str, Any]], target: 
             f"{_fmt(r['time-to-target-s'], digits=0)} | {_fmt(r['bytes-moved'] / 2**20, digits=0)} |"
         )
     if any(r["failed-replies"] or r["rejections"] for r in rows):
-        lines += ["", "| entry | rounds completed | failed or rejected replies | rejected by reason |"]
-        lines.append("|---|---|---|---|")
+        lines += [
+            "",
+            "Faults: a failed reply is a client error (the ClientApp raised) or a reply rejected by the server's "
+            "checks (reasons below). Accuracy differences are in points against the clean run: the first entry "
+            "of the same strategy without failures.",
+            "",
+            "| entry | rounds completed | failed or rejected replies | client errors | rejected by reason | "
+            f"clean run | final acc vs clean | last-{SMOOTH} mean vs clean |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
+            base = next((b for b in rows if b["strategy"] == r["strategy"] and not b["failed-replies"]), None)
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["rejections"].items())) or "—"
-            lines.append(f"| {r['entry']} | {r['rounds-completed']} | {r['failed-replies']} | {reasons} |")
+            errors = r["failed-replies"] - sum(r["rejections"].values())
+            lines.append(
+                f"| {r['entry']} | {r['rounds-completed']} | {r['failed-replies']} | {errors} | {reasons} | "
+                f"{base['entry'] if base else '—'} | "
+                f"{_points(r['final-accuracy'], base['final-accuracy'] if base else None)} | "
+                f"{_points(r['final-accuracy-smoothed'], base['final-accuracy-smoothed'] if base else None)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

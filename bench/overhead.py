@@ -209,7 +209,11 @@ class ProcRecord:
 
 @dataclass
 class Sample:
-    """One sample: time (epoch s), summed PSS and USS, processes, cumulative CPU seconds per group."""
+    """One sample: time (epoch s), summed PSS and USS, processes, cumulative CPU seconds per group, summed RSS.
+
+    Summed RSS counts a page shared by several processes once per process (an upper bound of the
+    memory in use); PSS splits it between them (the sum is the memory the processes use together).
+    """
 
     t: float
     pss: int
@@ -217,6 +221,7 @@ class Sample:
     procs: int
     pss_by_group: dict[str, int]
     cpu_by_group: dict[str, float]
+    rss: int = 0
 
 
 class TreeSampler:
@@ -317,7 +322,7 @@ class TreeSampler:
     def sample(self) -> None:
         """One sample of every member's PSS and CPU time."""
         now = time.time()
-        total = total_uss = 0
+        total = total_uss = total_rss = 0
         pss_by_group: dict[str, int] = defaultdict(int)
         count = 0
         for proc, how in self.members():
@@ -341,12 +346,13 @@ class TreeSampler:
             rec.cpu = max(rec.cpu, cpu.user + cpu.system)
             total += mem.pss
             total_uss += mem.uss
+            total_rss += mem.rss
             pss_by_group[rec.group] += mem.pss
             count += 1
         cpu_by_group: dict[str, float] = defaultdict(float)
         for rec in self.records.values():
             cpu_by_group[rec.group] += rec.cpu
-        self.samples.append(Sample(now, total, total_uss, count, dict(pss_by_group), dict(cpu_by_group)))
+        self.samples.append(Sample(now, total, total_uss, count, dict(pss_by_group), dict(cpu_by_group), total_rss))
 
     # ------------------------------------------------------------------ summaries
     def peak(self) -> Sample | None:
@@ -470,6 +476,7 @@ def phase_summary(phase: Phase) -> dict[str, Any]:
         "peak-pss-mb": (peak.pss / MB) if peak else None,
         "peak-pss-at-seconds": (peak.t - phase.t0) if peak else None,
         "peak-uss-mb": max((x.uss for x in s.samples), default=0) / MB,
+        "peak-rss-summed-mb": max((x.rss for x in s.samples), default=0) / MB,
         "peak-processes": max((x.procs for x in s.samples), default=0),
         "peak-pss-by-group-mb": s.peak_by_group(),
         "pss-at-peak-by-group-mb": {g: v / MB for g, v in sorted((peak.pss_by_group if peak else {}).items())},

@@ -12,6 +12,13 @@ A train message says what to build through its config:
   output module k or the head). The message carries the active block, the output module and
   only those frozen blocks this node does not hold yet; frozen blocks are kept in the node's
   ``context.state`` between rounds. The reply carries only the active block and output module.
+* ``profl-shrink-block`` = k >= 0: ProFL's shrinking sub-model (basic layers for every block but
+  k, the real block k, the basic classifier; :class:`common.profl.ShrinkModel`), all of it in the
+  message, all of it trained and sent back.
+* ``fedll-layer`` = k >= 0: FedLL's layer-wise sub-model (frozen layers 0..k-1 with depth dropout,
+  layer k, its head; :class:`common.fedll.FedLLModel`). As for SmartFreeze, the message carries
+  layer k, its head and the frozen layers this node does not hold (kept in ``context.state``);
+  the reply carries layer k and its head, the frozen layers held and the depth-dropout FLOP counts.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from common.heterofl import build_heterofl_model
 from common.memory import MB, stage_memory, track_peak
 from common.models import BlockModel, build_model
 from common.monitor import loss_statistics, measure_throughput, output_layer_gradient
-from common.node import NodeIdentity, node_identity, node_memory_mb
+from common.node import NodeIdentity, node_data_path, node_identity, node_memory_mb
 from common.output_modules import OutputModule, StageModel, build_output_module, frozen_prefixes
 from common.training import evaluate, load_numpy, set_torch_threads, state_to_numpy, train_local
 
@@ -50,7 +57,11 @@ def _config(items: tuple[tuple[str, object], ...]) -> RunConfig:
 
 
 def _setup(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData]:
-    cfg = _config(tuple(sorted(context.run_config.items())))
+    run_config = dict(context.run_config)
+    local_data = node_data_path(context.node_config)
+    if local_data is not None:  # this device's copy of the dataset file (same partitioning)
+        run_config["data-path"] = local_data
+    cfg = _config(tuple(sorted(run_config.items())))
     set_torch_threads(cfg.client_threads)
     ident = node_identity(context.node_config)
     return cfg, ident, client_data(cfg.data_spec(), ident.partition_id, ident.num_partitions)
@@ -77,10 +88,62 @@ def _output_module(name: str, num_classes: int, width: float, stage: int) -> Out
     return build_output_module(_model(name, num_classes, width), stage)
 
 
-def _frozen_store(context: Context) -> dict[str, np.ndarray]:
-    if FROZEN_STATE in context.state:
-        return P.from_record(context.state[FROZEN_STATE])
+@functools.lru_cache(maxsize=4)
+def _basic_layers(name: str, num_classes: int, width: float) -> nn.ModuleDict:
+    """ProFL's basic layers and classifier, one skeleton per process (every use loads its arrays first)."""
+    from common.profl import build_basic_layers
+
+    return build_basic_layers(_model(name, num_classes, width))
+
+
+def _frozen_store(context: Context, key: str = FROZEN_STATE) -> dict[str, np.ndarray]:
+    if key in context.state:
+        return P.from_record(context.state[key])
     return {}
+
+
+FEDLL_STATE = "progfl-fedll-frozen-layers"
+
+
+@functools.lru_cache(maxsize=16)
+def _fedll_head(name: str, num_classes: int, width: float, layer: int) -> nn.Module:
+    """FedLL's head of ``layer`` (its channels do not depend on the image size), one skeleton per process."""
+    from common.fedll import build_layer_heads
+
+    return build_layer_heads(_model(name, num_classes, width))[str(layer)]
+
+
+def _build_fedll(
+    cfg: RunConfig,
+    num_classes: int,
+    width: float,
+    layer: int,
+    config: ConfigRecord,
+    arrays: dict[str, np.ndarray],
+    context: Context | None,
+) -> tuple[nn.Module, tuple[str, ...]]:
+    """FedLL's stage sub-model for ``layer``; frozen layers merged into / read from the node's store."""
+    from common.fedll import FedLLModel, dropout_seed, frozen_layer_prefixes, model_layers
+
+    model = _model(cfg.model, num_classes, width)
+    layers = model_layers(model)
+    if layer >= len(layers):
+        raise ValueError(f"fedll-layer {layer} out of range: model {cfg.model} has {len(layers)} layers")
+    frozen_keys = frozen_layer_prefixes(layers, layer)
+    if context is not None and frozen_keys:
+        store = _frozen_store(context, FEDLL_STATE)
+        fresh = {k: v for k, v in arrays.items() if k.startswith(frozen_keys)}
+        if fresh:
+            store.update(fresh)
+            context.state[FEDLL_STATE] = ArrayRecord({k: Array(v) for k, v in store.items()})
+        arrays = {**{k: v for k, v in store.items() if k.startswith(frozen_keys)}, **arrays}
+    head = _fedll_head(cfg.model, num_classes, width, layer) if layer < len(layers) - 1 else None
+    sub = FedLLModel(model, layer, head, dropout=cfg.fedll_dropout, seed=dropout_seed(int(config.get(P.SEED, 0))))
+    missing = sorted({i for i, lay in enumerate(layers[:layer]) if not any(k.startswith(lay.prefixes) for k in arrays)})
+    if missing:
+        raise KeyError(f"fedll layer {layer}: frozen layer(s) {missing} neither in the message nor held by this node")
+    load_numpy(sub, arrays, strict=True)
+    return sub, sub.trainable_prefixes()
 
 
 def _build(
@@ -92,6 +155,9 @@ def _build(
     store and missing ones are read from it; without (evaluation) the message must carry all.
     """
     width = float(config.get(P.WIDTH, cfg.width))
+    fedll_layer = int(config.get(P.FEDLL_LAYER, -1))
+    if fedll_layer >= 0:
+        return _build_fedll(cfg, num_classes, width, fedll_layer, config, arrays, context)
     depth = int(config.get(P.DEPTH, 0))
     if depth > 0:
         from common.depthfl import client_module
@@ -99,6 +165,13 @@ def _build(
         module = client_module(cfg.model, num_classes, width, depth)
         load_numpy(module, arrays, strict=True)
         return module, None
+    shrink = int(config.get(P.SHRINK, -1))
+    if shrink >= 0:  # ProFL shrinking step: basic layers + real block `shrink`, all trained
+        from common.profl import ShrinkModel
+
+        sub = ShrinkModel(_model(cfg.model, num_classes, width), shrink, _basic_layers(cfg.model, num_classes, width))
+        load_numpy(sub, arrays, strict=True)
+        return sub, sub.trainable_prefixes()
     model = _model(cfg.model, num_classes, width, *_variant(config))
     stage = int(config.get(P.STAGE, -1))
     if stage < 0:
@@ -132,14 +205,26 @@ def _required_mb(
     width: float | None = None,
     depth: int = 0,
     variant: tuple[bool, float] = (False, 1.0),
+    shrink: int = -1,
+    fedll_layer: int = -1,
 ) -> float:
     """Modelled training memory (MB) of what a message asks for, at the configured batch size.
 
     ``stage`` (None = full model) of the model at ``width`` (default: the configured width), or
     with ``depth`` > 0 DepthFL's prefix of ``depth`` blocks with its classifiers; ``variant`` is
-    HeteroFL's (static BN, Scaler rate), see :func:`_variant`.
+    HeteroFL's (static BN, Scaler rate), see :func:`_variant`; ``shrink`` >= 0 ProFL's shrinking
+    step with that real block (:func:`common.profl.shrink_memory`); ``fedll_layer`` >= 0 FedLL's
+    sub-model training that layer (:func:`common.fedll.required_mb`).
     """
     width = cfg.width if width is None else width
+    if fedll_layer >= 0:
+        from common.fedll import required_mb as fedll_required_mb
+
+        return fedll_required_mb(cfg.model, num_classes, width, fedll_layer, cfg.batch_size, tuple(input_shape))
+    if shrink >= 0:
+        from common.profl import shrink_memory
+
+        return shrink_memory(cfg.model, num_classes, width, shrink, cfg.batch_size, tuple(input_shape)).total
     if depth > 0:
         from common.depthfl import required_mb
 
@@ -158,6 +243,9 @@ def _device(cfg: RunConfig, ident: NodeIdentity, context: Context, data: ClientD
     declared = node_memory_mb(context.node_config)
     if cfg.device_profile == "measured":
         return Device(declared or psutil.virtual_memory().available / MB, 0.0)
+    if cfg.device_profile == "none":  # unlimited budget: no memory model needed (it costs 2-3 s per process)
+        dev = simulated_device("none", ident.partition_id, cfg.seed, math.inf)
+        return Device(declared, dev.speed_flops) if declared else dev
     shape = tuple(data.x_train.shape[1:])
     full_mb = _required_mb(cfg, data.num_classes, None, shape)
     blocks = _model(cfg.model, data.num_classes, cfg.width).num_blocks
@@ -176,6 +264,27 @@ def _device(cfg: RunConfig, ident: NodeIdentity, context: Context, data: ClientD
 
 def _held_blocks(context: Context) -> list[int]:
     return sorted({int(k.split(".")[1]) for k in _frozen_store(context)})
+
+
+def _fedll_metrics(module: nn.Module, context: Context, values: dict[str, int | float | list[int]]) -> None:
+    """FedLL's reply metrics: frozen layers held by this node, frozen forward FLOPs run and skipped."""
+    from common.fedll import FedLLModel, layer_keys
+
+    if not isinstance(module, FedLLModel):
+        raise TypeError(f"a FedLL message built {type(module).__name__}, not FedLLModel")
+    values[P.FEDLL_HELD] = sorted(layer_keys(list(_frozen_store(context, FEDLL_STATE)), module.layer_specs))
+    values[P.FEDLL_FROZEN_FLOPS] = float(module.frozen_flops)
+    values[P.FEDLL_SKIPPED_FLOPS] = float(module.skipped_flops)
+
+
+def _what(config: ConfigRecord) -> str:
+    """What a train message asks for, in words (error messages)."""
+    stage, shrink = int(config.get(P.STAGE, -1)), int(config.get(P.SHRINK, -1))
+    if shrink >= 0:
+        return f"ProFL shrinking step of block {shrink + 1}"
+    if int(config.get(P.FEDLL_LAYER, -1)) >= 0:
+        return f"FedLL layer {int(config[P.FEDLL_LAYER]) + 1}"
+    return "the model" if stage < 0 else f"stage {stage + 1}"
 
 
 @app.query()
@@ -224,18 +333,23 @@ def train(msg: Message, context: Context) -> Message:
     config: ConfigRecord = msg.content[P.CONFIG]
     stage = int(config.get(P.STAGE, -1))
     device = _device(cfg, ident, context, data)
-    required = _required_mb(
-        cfg,
-        data.num_classes,
-        None if stage < 0 else stage,
-        tuple(data.x_train.shape[1:]),
-        width=float(config.get(P.WIDTH, cfg.width)),
-        depth=int(config.get(P.DEPTH, 0)),
-        variant=_variant(config),
-    )
-    if bool(config.get(P.ENFORCE_BUDGET, True)) and not device.fits(required):
+    enforce = bool(config.get(P.ENFORCE_BUDGET, True)) and math.isfinite(device.memory_mb)
+    required = math.nan  # modelled only when a finite budget is enforced (the memory model costs seconds)
+    if enforce:
+        required = _required_mb(
+            cfg,
+            data.num_classes,
+            None if stage < 0 else stage,
+            tuple(data.x_train.shape[1:]),
+            width=float(config.get(P.WIDTH, cfg.width)),
+            depth=int(config.get(P.DEPTH, 0)),
+            variant=_variant(config),
+            shrink=int(config.get(P.SHRINK, -1)),
+            fedll_layer=int(config.get(P.FEDLL_LAYER, -1)),
+        )
+    if enforce and not device.fits(required):
         raise ValueError(
-            f"partition {ident.partition_id}: {'the model' if stage < 0 else f'stage {stage + 1}'} needs "
+            f"partition {ident.partition_id}: {_what(config)} needs "
             f"{required:.1f} MB (modelled), over this device's budget of {device.memory_mb:.1f} MB"
         )
     module, prefixes = _build(cfg, data.num_classes, config, P.from_record(msg.content[P.ARRAYS]), context)
@@ -266,6 +380,8 @@ def train(msg: Message, context: Context) -> Message:
     held = _held_blocks(context)
     if held:
         values[P.FROZEN_HELD] = held
+    if P.FEDLL_LAYER in config:
+        _fedll_metrics(module, context, values)
     upload = state_to_numpy(module, prefixes)
     fault = fault_for(cfg.fault_rate, cfg.fault_mode, cfg.seed, int(config[P.ROUND]), ident.partition_id)
     if fault is not None:

@@ -32,8 +32,10 @@ STRATEGY_NAMES: tuple[str, ...] = (
     "oort",
     "heterofl",
     "depthfl",
+    "profl",
+    "fedll",
 )
-PROGRESSIVE_STRATEGIES: tuple[str, ...] = ("smartfreeze",)
+PROGRESSIVE_STRATEGIES: tuple[str, ...] = ("smartfreeze", "profl")
 
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
@@ -114,7 +116,17 @@ class RunConfig(BaseModel):
     pace_tau: float = Field(0.05, gt=0, description="threshold on |relative slope| per round")
     pace_consecutive: int = Field(3, ge=1, description="C: rounds in a row under tau to freeze")
     pace_eps: float = Field(1e-3, gt=0, description="eps added to |w| in the effective update")
+    profl_shrinking: bool = Field(True, description="ProFL: run the shrinking phase (false: growing only, ablation)")
+    profl_movement_threshold: float = Field(
+        0.6, gt=0, le=1, description="ProFL: freeze only once the smoothed effective movement is <= this"
+    )
+    fedll_rounds_per_layer: int = Field(2, ge=1, description="FedLL: rounds per layer (the last layer runs the rest)")
+    fedll_dropout: float = Field(
+        0.2, ge=0, lt=1, description="FedLL: depth dropout, probability of skipping a shape-preserving frozen layer"
+    )
     verbose: bool = False
+    resume: bool = Field(False, description="continue run-name from its last checkpoint (same config)")
+    stop_after_round: int = Field(0, ge=0, description="testing: fail the ServerApp after this round (0 = never)")
 
     @model_validator(mode="after")
     def _check_data(self) -> RunConfig:
@@ -133,12 +145,27 @@ class RunConfig(BaseModel):
                 raise ValueError(
                     f"max-stage-rounds={self.max_stage_rounds} is below min-stage-rounds={self.min_stage_rounds}"
                 )
-            if self.num_rounds < blocks * self.min_stage_rounds:
+            phases = 2 if self.strategy == "profl" and self.profl_shrinking else 1
+            if self.num_rounds < phases * blocks * self.min_stage_rounds:
+                per_phase = " x 2 phases (profl-shrinking=true)" if phases == 2 else ""
                 raise ValueError(
                     f"num-rounds={self.num_rounds} is too few for strategy {self.strategy!r}: model {self.model!r} "
-                    f"has {blocks} blocks x min-stage-rounds={self.min_stage_rounds}; "
-                    f"use num-rounds >= {blocks * self.min_stage_rounds}"
+                    f"has {blocks} blocks{per_phase} x min-stage-rounds={self.min_stage_rounds}; "
+                    f"use num-rounds >= {phases * blocks * self.min_stage_rounds}"
                 )
+        if self.strategy == "fedll":
+            from common.fedll import num_layers
+
+            layers = num_layers(self.model)
+            if self.num_rounds < layers:
+                raise ValueError(
+                    f"num-rounds={self.num_rounds} is too few for strategy 'fedll': model {self.model!r} has "
+                    f"{layers} layers, each trained for at least one round; use num-rounds >= {layers} "
+                    f"(>= {layers * self.fedll_rounds_per_layer} to give every layer "
+                    f"fedll-rounds-per-layer={self.fedll_rounds_per_layer})"
+                )
+        if self.resume and not self.run_name:
+            raise ValueError("resume=true needs run-name (the folder of the run to continue, under output-dir)")
         if self.min_train_nodes > self.min_available_nodes:
             raise ValueError(
                 f"min-train-nodes={self.min_train_nodes} exceeds min-available-nodes={self.min_available_nodes}"
@@ -171,6 +198,24 @@ class RunConfig(BaseModel):
             tau=self.pace_tau,
             consecutive=self.pace_consecutive,
             eps=self.pace_eps,
+        )
+
+    def profl_pace_config(self) -> PaceConfig:
+        """ProFL's freezing rule: the pace controller on effective movement (see ``common/profl.py``).
+
+        Same window, smoothing, regression, tau and streak as SmartFreeze (pace-* keys), with the
+        metric ``effective-movement``, ``eps`` 1e-8 (added to the sum of |updates|; pace-eps is
+        SmartFreeze's, added to |w|) and the level profl-movement-threshold.
+        """
+        return PaceConfig(
+            metric="effective-movement",
+            window=self.pace_window,
+            smooth=self.pace_smooth,
+            regress=self.pace_regress,
+            tau=self.pace_tau,
+            consecutive=self.pace_consecutive,
+            eps=1e-8,
+            level=self.profl_movement_threshold,
         )
 
     def selector_config(self) -> SelectorConfig:

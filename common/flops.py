@@ -2,9 +2,11 @@
 
 FLOPs are counted per sample with forward hooks on the layers that do the arithmetic: a conv
 costs 2 * C_in/groups * k_h * k_w * C_out * H_out * W_out (multiply and add), a linear layer
-2 * in * out, BatchNorm 4 per output element (normalise, scale, shift), ReLU/pooling 1 per
-output element. Backward of a trained layer costs twice its forward (gradient with respect to
-the input and to the weights, the usual estimate); frozen layers have no backward (Eq. 5).
+2 * in * out per token (once per sample on (N, D) inputs), BatchNorm 4 per output element
+(normalise, scale, shift), ReLU/pooling 1 per output element; a layer with a
+``flops_per_sample(out)`` method (the ViT's attention products) states its own. Backward of a
+trained layer costs twice its forward (gradient with respect to the input and to the weights,
+the usual estimate); frozen layers have no backward (Eq. 5).
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from common.output_modules import build_output_module
 
 
 def _layer_flops(module: nn.Module, out: torch.Tensor) -> float:
+    custom = getattr(module, "flops_per_sample", None)
+    if callable(custom):  # a parameter-free leaf that states its own cost (the ViT's attention core)
+        return float(custom(out))
     per_sample = out[0].numel() if out.dim() > 0 else 1
     if isinstance(module, nn.Conv2d):
         k_h, k_w = module.kernel_size
         return 2.0 * module.in_channels / module.groups * k_h * k_w * per_sample
-    if isinstance(module, nn.Linear):
-        return 2.0 * module.in_features * module.out_features
+    if isinstance(module, nn.Linear):  # once per token on (N, T, D) inputs (the ViT), once on (N, D)
+        return 2.0 * module.in_features * per_sample
     if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)):
         return 4.0 * per_sample
     if isinstance(module, (nn.ReLU, nn.GELU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):

@@ -28,7 +28,7 @@ Model (:func:`stage_memory`)
 Measurement (:func:`track_peak`, :func:`measure_training_peak`)
     On CUDA the allocator's own peak (``torch.cuda.max_memory_allocated`` after a reset). On CPU,
     PyTorch keeps no allocation statistics, so the peak of live bytes comes from the allocator's
-    memory events reported to the profiler (``torch.profiler.profile(profile_memory=True)``: one
+    memory events reported to the profiler (``torch.autograd.profiler.profile(profile_memory=True)``: one
     event per allocation/free of PyTorch's CPU allocator, kernels' internal buffers included), walked
     in time order. The process RSS peak comes from the kernel's high-water mark (``VmHWM``, reset
     through ``/proc/self/clear_refs``), or from a 5 ms sampling thread where that is unavailable.
@@ -66,6 +66,7 @@ __all__ = [
     "MemoryBreakdown",
     "PeakMeter",
     "measure_training_peak",
+    "replay_step",
     "stage_memory",
     "track_peak",
 ]
@@ -368,6 +369,29 @@ def _simulate(
             active = meta.blocks[stage]
             tail = outmod if outmod is not None else meta.head
             frozen = list(meta.blocks[:stage])
+    return replay_step(net, active, tail, frozen, batch_size, input_shape, momentum, weight_decay)
+
+
+def replay_step(
+    net: nn.Module,
+    active: nn.Module,
+    tail: nn.Module | None,
+    frozen: list[nn.Module],
+    batch_size: int,
+    input_shape: tuple[int, ...],
+    momentum: bool = True,
+    weight_decay: bool = True,
+) -> MemoryBreakdown:
+    """Modelled memory (MB) of one SGD step of any sub-model ``net`` built on ``meta`` tensors.
+
+    The generic part of :func:`stage_memory`, for sub-models other than SmartFreeze's (FedLL's
+    layer-wise ones): ``net`` (parameters on the meta device; those with ``requires_grad`` are the
+    trained ones, the frozen part running under ``no_grad``) is put in train mode and one step is
+    replayed (see the module docstring). ``active`` is the first trained module the forward
+    reaches: the frozen phase ends when its forward starts; ``tail`` the output module or head
+    (its parameters are reported as ``output_module``); ``frozen`` the frozen modules (their
+    parameters are ``params_frozen``; none: no frozen phase).
+    """
     net.train()
     trainable = [p for p in net.parameters() if p.requires_grad]
     trainable_bytes = _unique_bytes(trainable)
@@ -533,9 +557,19 @@ class _RssPeak:
         return max(self._sampled, rss) / MB
 
 
-def _peak_from_profiler(prof: torch.profiler.profile) -> int:
+def _cpu_memory_profiler() -> torch.autograd.profiler.profile:
+    """A CPU profiler that records the allocator's memory events, not yet started.
+
+    The autograd-level profiler that ``torch.profiler.profile`` wraps: the wrapper's start checks
+    ``hasattr(torch, "_inductor")``, which imports the compiler stack (sympy, triton; 3-4 s and
+    about 150 MB of RSS per process, in every simulated client's process) for a CUDA-graph flag.
+    """
+    return torch.autograd.profiler.profile(use_cpu=True, profile_memory=True)
+
+
+def _peak_from_profiler(prof: torch.autograd.profiler.profile) -> int:
     """Peak of the running sum of the CPU allocator's memory events (bytes above the start)."""
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == _CPU]
+    events = [e for e in prof.kineto_results.events() if e.name() == "[memory]" and e.device_type() == _CPU]
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0
     for e in events:
@@ -548,15 +582,19 @@ _profiler_ready = False
 
 
 def _warm_up_profiler() -> None:
-    """Start and stop the CPU profiler once per process: kineto's one-time initialisation loads
-    libraries (about 150 MB of RSS with the CUDA build of torch) that must not count as training."""
+    """Start and stop the CPU profiler once per process: kineto's one-time initialisation (a few MB
+    of RSS; ``torch.profiler.profile`` also imported the compiler stack, see :func:`_cpu_memory_profiler`)
+    must not count as training."""
     global _profiler_ready
     if _profiler_ready or torch._C._autograd._profiler_enabled():
         return
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet kineto's GPU probe on CPU-only hosts
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    prof.start()
-    prof.stop()
+    # kineto reads its level when the profiler first starts: 6 silences its GPU probe on CPU-only
+    # hosts and the "USDT: profiler_start/stop" line it prints for every profiled block (5 keeps those);
+    # run.sh sets 3 (errors and up) with verbose=true, and a value already in the environment wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    prof = _cpu_memory_profiler()
+    prof.__enter__()
+    prof.__exit__(None, None, None)
     _profiler_ready = True
 
 
@@ -570,7 +608,7 @@ class _TorchPeak:
     def __init__(self, device: torch.device, max_steps: int | None) -> None:
         self._device = device
         self._max_steps = max_steps
-        self._prof: torch.profiler.profile | None = None
+        self._prof: torch.autograd.profiler.profile | None = None
         self._hook: Any = None
         self._peak = 0
         self.steps = 0
@@ -588,8 +626,8 @@ class _TorchPeak:
             self.method = "unavailable: another torch profiler is running"
             return
         else:
-            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-            self._prof.start()
+            self._prof = _cpu_memory_profiler()
+            self._prof.__enter__()
             self.method = "cpu-profiler-memory-events"
         self._hook = register_optimizer_step_post_hook(self._on_step)
 
@@ -602,7 +640,7 @@ class _TorchPeak:
 
     def _stop_profiler(self) -> None:
         if self._prof is not None:
-            self._prof.stop()
+            self._prof.__exit__(None, None, None)
             self._peak = _peak_from_profiler(self._prof)
             self._prof = None
 

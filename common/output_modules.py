@@ -24,6 +24,25 @@ DEFAULT_FROZEN_CHUNK = 16
 """Samples per micro-batch of the frozen forward (:attr:`StageModel.frozen_chunk`); 0 = whole batch."""
 
 
+LAYERS_PER_BLOCK = 3
+"""Modules per replaced block in :attr:`OutputModule.convs` (conv, BN, ReLU)."""
+
+
+def basic_layer(in_channels: int, spec: BlockSpec) -> list[nn.Module]:
+    """The lightweight stand-in for one block (NeuLite/ProFL *basic layer*): a 3x3 conv with the
+    block's output channels and stride, BN and ReLU (:data:`LAYERS_PER_BLOCK` modules)."""
+    return [
+        nn.Conv2d(in_channels, spec.out_channels, 3, spec.stride, 1, bias=False),
+        nn.BatchNorm2d(spec.out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def classifier(in_channels: int, num_classes: int) -> nn.Sequential:
+    """Global average pooling, flatten and a linear layer (the layout of the models' heads)."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes))
+
+
 class OutputModule(nn.Module):
     """Convs standing in for the blocks after the active one, then pool + linear classifier."""
 
@@ -32,14 +51,10 @@ class OutputModule(nn.Module):
         layers: list[nn.Module] = []
         ch = in_channels
         for spec in later:
-            layers += [
-                nn.Conv2d(ch, spec.out_channels, 3, spec.stride, 1, bias=False),
-                nn.BatchNorm2d(spec.out_channels),
-                nn.ReLU(inplace=True),
-            ]
+            layers += basic_layer(ch, spec)
             ch = spec.out_channels
         self.convs = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, num_classes))
+        self.classifier = classifier(ch, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.convs(x))

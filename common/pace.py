@@ -26,6 +26,11 @@ a block whose metric still drops by 10% or more per round, or whose level keeps 
 frozen. The earliest possible freeze is at observation W + R + C - 1 (the first observation yields
 no update), i.e. 12 rounds after a block starts with the defaults.
 
+Level condition (``level`` > 0, off by default): a round also needs the smoothed metric at or below
+``level`` to count towards the C. A flat curve is not always a converged one: with ``apf`` /
+``effective-movement`` a block whose scalars still drift steadily in one direction has a ratio that
+sits flat near 1, which the slope test alone calls converged (ProFL uses this, see ``common/profl.py``).
+
 Caveats: ``perturbation`` divides by |w_j|, so scalars near zero dominate the mean (eps bounds them);
 the curve is noisier but its trend still decides. ``apf`` is scale-free: scalars that all move
 consistently give a ratio flat near 1, which the slope test also calls flat, so it is meant for
@@ -140,6 +145,7 @@ class PaceConfig:
     tau: float = 0.05  # threshold on |relative slope|, fraction per round
     consecutive: int = 3  # C, consecutive rounds under tau before freezing
     eps: float = 1e-8  # added to denominators (same units as the parameters)
+    level: float = 0.0  # > 0: a round counts only if the smoothed metric is also <= level (0 = off)
 
     def __post_init__(self) -> None:
         _check("metric", self.metric, self.metric in METRIC_FUNCTIONS, f"one of {sorted(METRIC_FUNCTIONS)}")
@@ -149,6 +155,7 @@ class PaceConfig:
         _check("regress", self.regress, _is_int(self.regress) and self.regress >= 2, "an integer >= 2")
         _check("tau", self.tau, _is_pos_float(self.tau), "a finite number > 0")
         _check("eps", self.eps, _is_pos_float(self.eps), "a finite number > 0")
+        _check("level", self.level, self.level == 0 or _is_pos_float(self.level), "0 (off) or a finite number > 0")
 
 
 @dataclass(frozen=True)
@@ -220,20 +227,29 @@ class PaceController:
             if len(self._smoothed) == cfg.regress:
                 slope = relative_slope(self._smoothed)
         under = slope is not None and abs(slope) < cfg.tau
+        under = under and (cfg.level <= 0 or (smoothed is not None and smoothed <= cfg.level))
         self._streak = self._streak + 1 if under else 0
         self._frozen = self._frozen or self._streak >= cfg.consecutive
         step = PaceStep(self.block, int(server_round), metric, smoothed, slope, self._streak, self._frozen)
         self.history.append({**asdict(step), "under": under})
         return step
 
-    def state_dict(self) -> dict:
-        """JSON-serialisable snapshot (lists, floats, ints) from which :meth:`from_state_dict` resumes exactly."""
+    def state_dict(self, arrays: bool = False) -> dict:
+        """JSON-serialisable snapshot (lists, floats, ints) from which :meth:`from_state_dict` resumes exactly.
+
+        With ``arrays=True`` the previous parameters and the update buffer (n and W x n values) stay
+        numpy arrays (copies), for checkpoints that store arrays apart from the JSON state.
+        """
+
+        def out(a: np.ndarray | None) -> np.ndarray | list | None:
+            return None if a is None else (a.copy() if arrays else a.tolist())
+
         return {
             "config": asdict(self.config),
             "block": self.block,
             "dtype": None if self._prev is None else self._prev.dtype.str,
-            "prev": None if self._prev is None else self._prev.tolist(),
-            "buffer": None if self._buf is None else self._buf.tolist(),
+            "prev": out(self._prev),
+            "buffer": out(self._buf),
             "count": self._count,
             "pos": self._pos,
             "metrics": list(self._metrics),

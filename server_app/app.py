@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config
 from common.data import load_dataset
+from server_app.checkpoint import check_resume, checkpoint_path, load_checkpoint
 from server_app.outputs import RunRecorder, resolve_run_dir
 from server_app.registry import build_strategy
 
@@ -28,10 +29,18 @@ def main(grid: Grid, context: Context) -> None:
     log.setLevel(logging.INFO if cfg.verbose else logging.WARNING)
     dataset = load_dataset(cfg.data_spec())
     run_dir = resolve_run_dir(cfg)
+    checkpoint = None
+    if cfg.resume:  # validated before anything in the run folder is touched
+        checkpoint = load_checkpoint(run_dir)
+        check_resume(checkpoint, cfg)
+        print(f"[progfl] resuming {run_dir} after round {checkpoint.round}", flush=True)
+    elif checkpoint_path(run_dir).is_file():  # a fresh run replaces every output of an earlier one
+        log.warning("%s: removing the checkpoint of an earlier run (resume=true would continue it)", run_dir)
+        checkpoint_path(run_dir).unlink()
     recorder = RunRecorder(cfg, run_dir)
     print(f"[progfl] run folder: {run_dir}", flush=True)
     strategy = build_strategy(cfg, recorder, dataset.num_classes)
-    strategy.start(grid)
+    strategy.start(grid, checkpoint=checkpoint)
     s = recorder.summary
     print(
         f"[progfl] done: final accuracy {100 * s['final-accuracy']:.2f}% (best {100 * s['best-accuracy']:.2f}%), "

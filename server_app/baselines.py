@@ -41,6 +41,7 @@ class AllSmallStrategy(FedAvgStrategy):
 
     name = "allsmall"
     enforces_budget = True
+    checkpoint_attrs = ("width",)
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)
@@ -67,6 +68,14 @@ class AllSmallStrategy(FedAvgStrategy):
         self._required_cache.clear()
         log.info("allsmall: width %g fits the smallest budget %.1f MB", self.width, smallest)
         self.recorder.set_summary(**{"allsmall-width": self.width})
+
+    def restore_state(self, state: dict) -> None:
+        """Rebuild the model at the checkpoint's width (chosen at start-up), then restore the arrays."""
+        self.width = float(state["attrs"]["width"])
+        self.model = build_model(self.cfg.model, self.num_classes, self.width, seed=self.cfg.seed)
+        self.arrays = state_to_numpy(self.model)
+        self._required_cache.clear()
+        super().restore_state(state)
 
     def _memory_of(self, model: object) -> float:
         from common.memory import stage_memory
@@ -95,6 +104,7 @@ class OortStrategy(FedAvgStrategy):
 
     name = "oort"
     enforces_budget = True
+    checkpoint_attrs = ("selector",)
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)
@@ -134,6 +144,7 @@ class TiFLStrategy(FedAvgStrategy):
 
     name = "tifl"
     enforces_budget = True
+    checkpoint_attrs = ("tiers", "credits", "client_accuracy", "chosen_tiers")
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)
@@ -170,7 +181,10 @@ class TiFLStrategy(FedAvgStrategy):
         tier = int(rng.choice(len(self.tiers), p=probs))
         self.credits[tier] -= 1
         self.chosen_tiers.append(tier)
-        pool = self.tiers[tier]
+        online = set(self.available())
+        pool = [pid for pid in self.tiers[tier] if pid in online]
+        if not pool:
+            return []
         k = min(len(pool), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(self.nodes))))
         return sorted(int(c) for c in rng.choice(pool, size=k, replace=False))
 

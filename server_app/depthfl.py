@@ -44,6 +44,8 @@ class DepthFLStrategy(FedAvgStrategy):
 
     name = "depthfl"
     enforces_budget = True
+    # net: the container the arrays are loaded into; the rest are caches or per-round scratch
+    transient_attrs = ("net", "num_blocks", "_depth_mb", "_depth_flops", "_payloads", "_counts")
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)

@@ -49,6 +49,7 @@ class HeteroFLStrategy(FedAvgStrategy):
 
     name = "heterofl"
     enforces_budget = True
+    transient_attrs = ("_rate_mb", "_payloads", "_skeletons")  # caches; the rates follow from the budgets
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from common.config import STRATEGY_NAMES, RunConfig
 from server_app.baselines import AllSmallStrategy, ExclusiveFLStrategy, OortStrategy, TiFLStrategy
 from server_app.depthfl import DepthFLStrategy
+from server_app.fedll import FedLLStrategy
 from server_app.heterofl import HeteroFLStrategy
 from server_app.outputs import RunRecorder
+from server_app.profl import ProFLStrategy
 from server_app.smartfreeze import SmartFreezeStrategy
 from server_app.strategy import FedAvgStrategy
 
@@ -19,6 +21,8 @@ STRATEGIES: dict[str, type[FedAvgStrategy]] = {
     "oort": OortStrategy,
     "heterofl": HeteroFLStrategy,
     "depthfl": DepthFLStrategy,
+    "fedll": FedLLStrategy,
+    "profl": ProFLStrategy,
 }
 
 if set(STRATEGIES) != set(STRATEGY_NAMES):

@@ -75,6 +75,18 @@ class SmartFreezeStrategy(FedAvgStrategy):
 
     name = "smartfreeze"
     enforces_budget = True
+    checkpoint_attrs = (
+        "machine",
+        "pace",
+        "selector",
+        "communities",
+        "community_splits",
+        "monitored_stage",
+        "monitor_bytes",
+    )
+    # output_modules: containers (their arrays are in ``arrays``); grads: used once by RL-CD at start;
+    # frozen_held: what nodes hold is lost when they restart, so a resumed run sends frozen blocks again.
+    transient_attrs = ("output_modules", "grads", "frozen_held")
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)
@@ -256,7 +268,7 @@ class SmartFreezeStrategy(FedAvgStrategy):
 
     def end_round(self, server_round: int) -> dict[str, float | int | str | bool | None]:
         """Feed the pace controller, advance the stage machine, report both."""
-        trained = self._round_train_metrics.get("participants", 0) > 0
+        trained = self._round_aggregated  # a failed round (< min-replies) does not count
         block = self.stage
         step = None
         if trained:

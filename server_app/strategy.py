@@ -9,6 +9,10 @@ What it adds to Flower's own FedAvg:
   own local seed), the hook the progressive strategies use to send each node its sub-model.
 * **Accounting**: bytes down and up per round, failures, participation.
 * **Outputs**: one progress line per round, and metrics/checkpoint/plot in the run folder.
+* **Checkpoint and resume**: after every round :meth:`FedAvgStrategy.checkpoint_state` is written
+  to ``<run-dir>/checkpoint.npz`` (:mod:`server_app.checkpoint`); ``start(checkpoint=...)``
+  restores it and continues with the next round. Per-round random choices derive from
+  ``(seed, round)``, so a resumed run replays the uninterrupted one.
 
 Subclasses override :meth:`train_payload` (what a node receives) and :meth:`apply_updates`
 (how replies change the global model) and :meth:`server_model` (what is evaluated).
@@ -21,11 +25,13 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from common import protocol as P
 from common.aggregate import weighted_average
@@ -35,10 +41,14 @@ from common.flops import completion_time, round_time, stage_flops
 from common.memory import stage_memory
 from common.models import BlockModel, build_model
 from common.training import evaluate, load_numpy, state_to_numpy
+from server_app import checkpoint as ckpt
 from server_app.outputs import RunRecorder
 from server_app.validation import check_arrays, check_num_examples, norm_outliers, update_norm
 
 log = logging.getLogger("progfl")
+
+QUERY_CHUNK = 50
+"""Nodes queried at once at start-up in simulation (see :meth:`FedAvgStrategy._query_all`)."""
 
 
 @dataclass
@@ -61,6 +71,30 @@ class NodeInfo:
             self.speed_flops = float(metrics[P.SPEED_FLOPS])
 
 
+def _as_arrays(value: Any) -> Any:
+    """A dict of numpy values (model arrays) with every value an array: 0-d entries may be numpy scalars."""
+    if isinstance(value, dict) and value and all(isinstance(v, np.ndarray | np.generic) for v in value.values()):
+        return {k: np.asarray(v) for k, v in value.items()}
+    return value
+
+
+def _check_like(name: str, current: Any, value: Any) -> None:
+    """A restored array (or dict of arrays) must match the freshly built one in keys, shapes and dtypes."""
+    if isinstance(current, np.ndarray):
+        if not isinstance(value, np.ndarray) or value.shape != current.shape or value.dtype != current.dtype:
+            got = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise ckpt.CheckpointError(f"checkpoint {name}: {got}, the model has {current.dtype} {current.shape}")
+    elif isinstance(current, dict) and current and all(isinstance(v, np.ndarray) for v in current.values()):
+        if not isinstance(value, dict) or set(value) != set(current):
+            extra = sorted(set(value) - set(current)) if isinstance(value, dict) else []
+            missing = sorted(set(current) - set(value)) if isinstance(value, dict) else sorted(current)
+            raise ckpt.CheckpointError(
+                f"checkpoint {name}: keys differ from the model (extra {extra[:3]}, missing {missing[:3]})"
+            )
+        for key in current:
+            _check_like(f"{name}[{key!r}]", current[key], value[key])
+
+
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed derived from integers (run seed, round, partition, ...)."""
     return int(np.random.default_rng([abs(int(p)) for p in parts]).integers(0, 2**31 - 1))
@@ -71,6 +105,32 @@ class FedAvgStrategy(Strategy):
 
     name = "fedavg"
 
+    checkpoint_attrs: tuple[str, ...] = ("arrays", "sim_time", "_ever_eligible", "rejections")
+    """Attributes saved in every checkpoint and set again on resume. Each class lists only its own;
+    the lists along the MRO are joined. Values: JSON types, numpy arrays, sets, tuples, dicts, or
+    objects with ``state_dict``/``from_state_dict`` (stage machine, pace controller, selector)."""
+
+    transient_attrs: tuple[str, ...] = (
+        "cfg",
+        "recorder",
+        "num_classes",
+        "nodes",
+        "model",
+        "_required_cache",
+        "_sent",
+        "_round_bytes_down",
+        "_round_failures",
+        "_round_participants",
+        "_round_succeeded",
+        "_round_train_metrics",
+        "_round_rejections",
+        "_round_aggregated",
+        "_connected",
+    )
+    """Attributes not checkpointed: built from the run config, caches, per-round scratch (joined along
+    the MRO like :attr:`checkpoint_attrs`). ``nodes`` is saved by partition id in the base state
+    (node IDs change when nodes reconnect) and ``model`` is a container the arrays are loaded into."""
+
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         self.cfg = cfg
         self.recorder = recorder
@@ -80,6 +140,8 @@ class FedAvgStrategy(Strategy):
         self.arrays: dict[str, np.ndarray] = state_to_numpy(self.model)
         self._round_bytes_down = 0
         self._round_failures = 0
+        self._round_aggregated = False
+        self._connected: set[int] | None = None
         self._round_participants: list[int] = []
         self._round_succeeded: list[int] = []
         self._round_train_metrics: dict[str, float] = {}
@@ -92,11 +154,18 @@ class FedAvgStrategy(Strategy):
 
     # ------------------------------------------------------------------ nodes and sampling
     def discover(self, grid: Grid) -> None:
-        """Wait for ``min-available-nodes`` and learn the partition id of every new node."""
+        """Learn the partition id of every new node and which known nodes are still connected.
+
+        The first call (start of the run) waits up to ``node-wait-seconds`` for
+        ``min-available-nodes``. Later calls (every round) do not wait: a device that dropped out is
+        no longer sampled (see :meth:`available`) and the round goes on with the others; a node
+        that (re)connects is queried and sampled again.
+        """
         deadline = time.monotonic() + self.cfg.node_wait_seconds
+        first = self._connected is None
         while True:
             node_ids = sorted(grid.get_node_ids())
-            if len(node_ids) >= self.cfg.min_available_nodes:
+            if len(node_ids) >= self.cfg.min_available_nodes or not first:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(
@@ -104,12 +173,17 @@ class FedAvgStrategy(Strategy):
                     f"min-available-nodes={self.cfg.min_available_nodes}"
                 )
             time.sleep(1.0)
+        connected = set(node_ids)
+        lost = sorted(n.partition_id for n in self.nodes.values() if n.node_id not in connected)
+        was_lost = set() if first else {n.partition_id for n in self.nodes.values() if n.node_id not in self._connected}
+        if lost and set(lost) != was_lost:
+            log.warning("partition(s) %s no longer connected: not sampled until they reconnect", lost)
+        self._connected = connected
         known = {n.node_id for n in self.nodes.values()}
         new = [nid for nid in node_ids if nid not in known]
         if not new:
             return
-        msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({P.ROUND: 0})}), nid, MessageType.QUERY) for nid in new]
-        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+        for reply in self._query_all(grid, new):
             src = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %s did not answer the query: %s", src, reply.error.reason)
@@ -126,10 +200,30 @@ class FedAvgStrategy(Strategy):
                 continue
             self.nodes[pid] = NodeInfo(src, pid, int(m[P.NUM_EXAMPLES]))
             self.nodes[pid].update(dict(m))
-        if len(self.nodes) < self.cfg.min_available_nodes:
+        if first and len(self.nodes) < self.cfg.min_available_nodes:
             raise RuntimeError(
                 f"{len(self.nodes)} nodes answered the query; min-available-nodes={self.cfg.min_available_nodes}"
             )
+
+    def _query_all(self, grid: Grid, node_ids: list[int]) -> list[Message]:
+        """Replies to the start-up ``query`` of ``node_ids``; in simulation in chunks of :data:`QUERY_CHUNK`.
+
+        Flower's simulation engine looks for work by asking its message store, for every node, every
+        0.1 s, for that node's next message, each time walking all stored messages (and checking each):
+        the cost of one pass grows with nodes x messages in flight, and it holds the GIL of the process
+        that also runs this ServerApp. Querying 1,000 nodes at once thus took minutes of quadratic scans;
+        chunks keep few messages in flight. In deployment every ``send_and_receive`` waits for the
+        SuperNodes' polling (seconds), so all nodes are asked at once.
+        """
+        chunk = QUERY_CHUNK if isinstance(grid, InMemoryGrid) else len(node_ids)
+        replies: list[Message] = []
+        for start in range(0, len(node_ids), max(1, chunk)):
+            msgs = [
+                Message(RecordDict({P.CONFIG: ConfigRecord({P.ROUND: 0})}), nid, MessageType.QUERY)
+                for nid in node_ids[start : start + chunk]
+            ]
+            replies.extend(grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+        return replies
 
     # ------------------------------------------------------------------ resources
     enforces_budget = False  # FedAvg is the unconstrained reference: it ignores memory budgets
@@ -162,11 +256,17 @@ class FedAvgStrategy(Strategy):
         flops = stage_flops(self.model, self.current_stage(), self.input_shape()).total
         return completion_time(flops, node.num_examples, self.cfg.local_epochs, node.speed_flops)
 
-    def eligible(self, server_round: int) -> list[int]:
-        """Partition ids that may train this round: all nodes (FedAvg) or those that fit the budget."""
-        if not self.enforces_budget:
+    def available(self) -> list[int]:
+        """Partition ids of the nodes connected at the last :meth:`discover` (all known before it)."""
+        if self._connected is None:
             return sorted(self.nodes)
-        return sorted(pid for pid in self.nodes if self.fits(pid))
+        return sorted(pid for pid, n in self.nodes.items() if n.node_id in self._connected)
+
+    def eligible(self, server_round: int) -> list[int]:
+        """Partition ids that may train this round: connected nodes (FedAvg), and that fit the budget."""
+        if not self.enforces_budget:
+            return self.available()
+        return [pid for pid in self.available() if self.fits(pid)]
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids to train in ``server_round``: a seeded draw among the eligible.
@@ -298,7 +398,12 @@ class FedAvgStrategy(Strategy):
         for reply in replies:
             node = by_node.get(reply.metadata.src_node_id)
             if node is None:
-                log.warning("round %d: reply from unknown node %s ignored", server_round, reply.metadata.src_node_id)
+                if reply.has_error():  # the SuperLink answers for a node that is gone, under its own id
+                    log.warning("round %d: a node failed: %s", server_round, reply.error.reason)
+                else:
+                    log.warning(
+                        "round %d: reply from unknown node %s ignored", server_round, reply.metadata.src_node_id
+                    )
                 continue
             if reply.has_error():
                 log.warning("round %d: node %s failed: %s", server_round, node.partition_id, reply.error.reason)
@@ -361,7 +466,8 @@ class FedAvgStrategy(Strategy):
             total = sum(w for _, w in losses)
             metrics["train-loss"] = sum(loss * w for loss, w in losses) / total
         self._round_train_metrics = metrics
-        if len(updates) < self.cfg.min_replies:
+        self._round_aggregated = len(updates) >= self.cfg.min_replies
+        if not self._round_aggregated:
             log.warning(
                 "round %d: %d valid training replies, fewer than min-replies=%d; the global model is unchanged",
                 server_round,
@@ -444,6 +550,107 @@ class FedAvgStrategy(Strategy):
             c.seed,
         )
 
+    # ------------------------------------------------------------------ checkpoint and resume
+    @classmethod
+    def declared_attrs(cls, kind: str) -> list[str]:
+        """``checkpoint_attrs`` or ``transient_attrs`` of every class in the MRO, base classes first."""
+        out: list[str] = []
+        for klass in reversed(cls.__mro__):
+            out += [a for a in klass.__dict__.get(kind, ()) if a not in out]
+        return out
+
+    def undeclared_attrs(self) -> list[str]:
+        """Instance attributes neither checkpointed nor declared transient (a resume would lose them)."""
+        known = set(self.declared_attrs("checkpoint_attrs")) | set(self.declared_attrs("transient_attrs"))
+        return sorted(set(vars(self)) - known)
+
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, JSON-ready state) that, with the run config, determine every later round.
+
+        The state holds every attribute of :attr:`checkpoint_attrs` (encoded by
+        :func:`server_app.checkpoint.encode`), the node table by partition id (examples, budget,
+        speed, rounds trained) and the metrics recorded so far (rows and summary). Subclasses with
+        extra state list it in ``checkpoint_attrs``; override this (calling ``super()``) only for
+        state that is not an attribute.
+        """
+        arrays: dict[str, np.ndarray] = {}
+        state = {
+            "attrs": {
+                name: ckpt.encode(_as_arrays(getattr(self, name)), arrays, f"attrs/{name}")
+                for name in self.declared_attrs("checkpoint_attrs")
+            },
+            "nodes": {
+                str(pid): {
+                    "node-id": n.node_id,
+                    "num-examples": n.num_examples,
+                    "memory-mb": n.memory_mb,
+                    "speed-flops": n.speed_flops,
+                    "rounds-trained": list(n.rounds_trained),
+                }
+                for pid, n in sorted(self.nodes.items())
+            },
+            "recorder": ckpt.encode(
+                {"rounds": self.recorder.rounds, "summary": self.recorder.summary}, arrays, "recorder"
+            ),
+        }
+        return arrays, state
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Set the state of :meth:`checkpoint_state` (decoded) on this freshly built strategy.
+
+        Called after :meth:`discover`, instead of :meth:`on_start`. Arrays must match the freshly
+        built ones in keys, shapes and dtypes; nodes are matched by partition id and keep the
+        checkpoint's budget, speed and rounds trained (what the uninterrupted run would use).
+        """
+        attrs = state["attrs"]
+        missing = [name for name in self.declared_attrs("checkpoint_attrs") if name not in attrs]
+        if missing:
+            raise ckpt.CheckpointError(f"checkpoint of strategy {self.name!r} lacks {missing}")
+        for name in self.declared_attrs("checkpoint_attrs"):
+            current, value = getattr(self, name), attrs[name]
+            if isinstance(value, ckpt.ObjectState):
+                value = value.build(current, name)
+            _check_like(name, current, value)
+            setattr(self, name, value)
+        saved = {int(pid): info for pid, info in state["nodes"].items()}
+        for pid, info in sorted(saved.items()):
+            node = self.nodes.get(pid)
+            if node is None:
+                log.warning("resume: partition %d is in the checkpoint but has not reconnected", pid)
+                continue
+            if node.num_examples != int(info["num-examples"]):
+                raise ckpt.CheckpointError(
+                    f"partition {pid} now holds {node.num_examples} examples, {info['num-examples']} in the checkpoint"
+                )
+            if node.memory_mb != float(info["memory-mb"]):
+                log.warning(
+                    "resume: partition %d reports %.1f MB now, %.1f MB in the checkpoint; using the checkpoint's",
+                    pid,
+                    node.memory_mb,
+                    float(info["memory-mb"]),
+                )
+            node.memory_mb = float(info["memory-mb"])
+            node.speed_flops = float(info["speed-flops"])
+            node.rounds_trained = [int(r) for r in info["rounds-trained"]]
+        new = sorted(set(self.nodes) - set(saved))
+        if new:
+            log.warning("resume: partitions %s were not in the checkpoint; sampling may differ from the original", new)
+        self.recorder.rounds = list(state["recorder"]["rounds"])
+        self.recorder.summary.update(state["recorder"]["summary"])
+        self.recorder.write_metrics()
+
+    def save_checkpoint(self, server_round: int) -> None:
+        """Write ``<run-dir>/checkpoint.npz`` after ``server_round`` (atomically)."""
+        arrays, state = self.checkpoint_state()
+        ckpt.save_checkpoint(self.recorder.run_dir, server_round, self.name, self.cfg.to_flat(), state, arrays)
+
+    def resume(self, checkpoint: ckpt.Checkpoint) -> int:
+        """Restore ``checkpoint`` (after :meth:`discover`); return the first round still to run."""
+        self.restore_state(checkpoint.decoded_state())
+        log.info("resumed %s after round %d from %s", self.name, checkpoint.round, checkpoint.path)
+        print(f"[{self.name}] resumed after round {checkpoint.round} from {checkpoint.path}", flush=True)
+        return checkpoint.round + 1
+
     # ------------------------------------------------------------------ evaluation and the loop
     def evaluate_server(self) -> tuple[float, float]:
         """Loss and accuracy of :meth:`server_model` on the held-out test set."""
@@ -485,8 +692,13 @@ class FedAvgStrategy(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        checkpoint: ckpt.Checkpoint | None = None,
     ) -> Result:
-        """Run all rounds: train, federated evaluation, server evaluation, record, print progress."""
+        """Run all rounds: train, federated evaluation, server evaluation, record, checkpoint, print progress.
+
+        With ``checkpoint`` (validated by :func:`server_app.checkpoint.check_resume`), the state is
+        restored instead of :meth:`on_start` and the run continues after the checkpoint's round.
+        """
         if initial_arrays is not None:
             self.arrays = P.from_record(initial_arrays)
         num_rounds = num_rounds or self.cfg.num_rounds
@@ -496,12 +708,20 @@ class FedAvgStrategy(Strategy):
         result = Result()
         self.summary()
         self.discover(grid)
-        self.on_start(grid)
-        loss0, acc0 = self.evaluate_server()
-        log.info("initial server evaluation: accuracy %.2f%% loss %.4f", 100 * acc0, loss0)
-        self.recorder.add_round({"round": 0, **self.round_info(1), "server-accuracy": acc0, "server-loss": loss0})
-        t_start = time.monotonic()
-        for rnd in range(1, num_rounds + 1):
+        undeclared = self.undeclared_attrs()
+        if undeclared:
+            log.warning("%s: attributes %s are not checkpointed; a resumed run may differ", self.name, undeclared)
+        if checkpoint is None:
+            self.on_start(grid)
+            loss0, acc0 = self.evaluate_server()
+            log.info("initial server evaluation: accuracy %.2f%% loss %.4f", 100 * acc0, loss0)
+            self.recorder.add_round({"round": 0, **self.round_info(1), "server-accuracy": acc0, "server-loss": loss0})
+            first, elapsed = 1, 0.0
+        else:
+            first = self.resume(checkpoint)
+            elapsed = float(self.recorder.rounds[-1].get("wall-seconds") or 0.0) if self.recorder.rounds else 0.0
+        t_start = time.monotonic() - elapsed
+        for rnd in range(first, num_rounds + 1):
             t_round = time.monotonic()
             self.discover(grid)
             self.before_round(grid, rnd)
@@ -543,8 +763,14 @@ class FedAvgStrategy(Strategy):
             }
             row.update(self.end_round(rnd))
             self.recorder.add_round(row)
+            self.save_checkpoint(rnd)
             eta = (now - t_start) / rnd * (num_rounds - rnd)
             self.progress(rnd, num_rounds, row, eta)
+            if rnd == self.cfg.stop_after_round and rnd < num_rounds:
+                raise ckpt.StopAfterRound(
+                    f"stopped after round {rnd} as asked by stop-after-round={rnd} (testing an interruption); "
+                    f"continue with: ./run.sh resume {self.recorder.run_dir}"
+                )
         if not any(n.rounds_trained for n in self.nodes.values()):
             if self._ever_eligible:
                 raise RuntimeError(f"no client trained successfully in {num_rounds} rounds; see the node errors above")

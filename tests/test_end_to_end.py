@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -67,6 +68,12 @@ def test_simulation_via_run_sh_learns_and_cleans_up(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "round 3/3" in res.stdout
+    # by default (verbose=false) no Ray/Flower/profiler chatter, one readable progress line per round
+    lines = res.stdout.splitlines()
+    assert [ln for ln in lines if re.search(r"INFO|WARNING|USDT|ClientAppActor|raylet", ln)] == [], res.stdout
+    assert [ln.split("|")[0].strip() for ln in lines if ln.startswith("[fedavg] round")] == [
+        f"[fedavg] round {r}/3" for r in (1, 2, 3)
+    ]
     doc = json.loads((tmp_path / "e2e-sim" / "metrics.json").read_text())
     rounds = doc["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
@@ -200,6 +207,8 @@ def test_simulation_survives_failing_and_hostile_clients(tmp_path: Path) -> None
 def test_every_strategy_runs_and_compare_writes_the_table(tmp_path: Path) -> None:
     from common.config import STRATEGY_NAMES
 
+    overrides = {"profl": "min-stage-rounds=1"}  # ProFL: 2 phases x 3 blocks must fit the smoke's 6 rounds
+    entries = [f"{s}=strategy='{s}' {overrides[s]}" if s in overrides else s for s in STRATEGY_NAMES]
     res = subprocess.run(
         [
             str(ROOT / "run.sh"),
@@ -208,7 +217,7 @@ def test_every_strategy_runs_and_compare_writes_the_table(tmp_path: Path) -> Non
             "--scenario",
             "smoke",
             "--entries",
-            *STRATEGY_NAMES,
+            *entries,
             "--out",
             str(tmp_path),
         ],

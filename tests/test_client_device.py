@@ -1,0 +1,45 @@
+"""The ClientApp's device budget: no memory model unless a finite budget needs it (simulation overhead)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from flwr.app import Context, RecordDict
+
+import client_app.app as client
+from common.config import parse_run_config
+from common.data import client_data
+from common.devices import simulated_device
+from common.node import node_identity
+
+SMALL = {"model": "smallcnn", "synthetic-train-size": 200, "synthetic-test-size": 50}
+
+
+def _context(pid: int, **node: object) -> Context:
+    return Context(1, pid + 1, {"partition-id": pid, "num-partitions": 4, **node}, RecordDict(), {})
+
+
+def test_profile_none_needs_no_memory_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_model(*args: object, **kwargs: object) -> float:
+        raise AssertionError("the memory model was called for device-profile='none'")
+
+    monkeypatch.setattr(client, "_required_mb", no_model)
+    cfg = parse_run_config({**SMALL, "seed": 3})
+    for pid in range(4):
+        ctx = _context(pid)
+        data = client_data(cfg.data_spec(), pid, 4)
+        dev = client._device(cfg, node_identity(ctx.node_config), ctx, data)
+        assert math.isinf(dev.memory_mb)
+        assert dev.speed_flops == simulated_device("none", pid, 3, 1.0).speed_flops > 0  # same seeded speed
+    declared = _context(0, **{"memory-mb": 300})
+    dev = client._device(cfg, node_identity(declared.node_config), declared, client_data(cfg.data_spec(), 0, 4))
+    assert dev.memory_mb == 300.0
+
+
+def test_finite_budgets_still_use_the_memory_model() -> None:
+    cfg = parse_run_config({**SMALL, "device-profile": "uniform"})
+    ctx = _context(1)
+    dev = client._device(cfg, node_identity(ctx.node_config), ctx, client_data(cfg.data_spec(), 1, 4))
+    full = client._required_mb(cfg, 10, None, (3, 32, 32))
+    assert math.isfinite(dev.memory_mb) and dev.memory_mb >= 0.3 * full

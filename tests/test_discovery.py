@@ -1,0 +1,60 @@
+"""Start-up discovery of many nodes: chunked queries in simulation, one batch in deployment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from common import protocol as P
+from common.config import parse_run_config
+from server_app import strategy as S
+from server_app.outputs import RunRecorder
+
+
+class FakeGrid:
+    """A grid whose nodes answer the query at once with partition id = node id - 1000."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.ids = list(range(1000, 1000 + num_nodes))
+        self.batches: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        self.batches.append(len(messages))
+        replies = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.batches)}-{i}"
+            nid = msg.metadata.dst_node_id
+            metrics = {P.PARTITION_ID: nid - 1000, P.NUM_EXAMPLES: 5, P.MEMORY_MB: -1.0, P.SPEED_FLOPS: 1e9}
+            reply = Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = nid
+            replies.append(reply)
+        return replies
+
+
+class FakeSimulationGrid(FakeGrid, InMemoryGrid):
+    """The same, seen by the strategy as the simulation's in-memory grid."""
+
+    def __init__(self, num_nodes: int) -> None:  # InMemoryGrid's own state is not needed
+        FakeGrid.__init__(self, num_nodes)
+
+
+@pytest.mark.parametrize(("grid_cls", "expected"), [(FakeSimulationGrid, [50, 50, 20]), (FakeGrid, [120])])
+def test_discovery_queries_in_chunks_only_in_simulation(tmp_path: Path, grid_cls: type, expected: list[int]) -> None:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    assert S.QUERY_CHUNK == 50
+    cfg = parse_run_config({"model": "smallcnn", "synthetic-train-size": 200, "synthetic-test-size": 50})
+    strategy = S.FedAvgStrategy(cfg, RunRecorder(cfg, tmp_path / "run"), 10)
+    grid = grid_cls(120)
+    strategy.discover(grid)
+    assert grid.batches == expected
+    assert sorted(strategy.nodes) == list(range(120))
+    assert all(strategy.nodes[pid].node_id == 1000 + pid for pid in range(120))
+    strategy.discover(grid)  # nothing new: no query
+    assert grid.batches == expected
