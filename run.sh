@@ -99,14 +99,22 @@ free_port() {
 
 # new_session: a private FLWR_HOME per run.sh invocation (.flwr/runs/<time>-<pid>), so that
 # concurrent invocations never share a connection file, a SuperLink or app installs; the 10 most
-# recent are kept for their logs.
+# recent, and every one whose run.sh is still running, are kept for their logs.
 new_session() {
   FLWR_HOME="$FLWR_BASE/runs/$(date +%Y%m%d-%H%M%S)-$$"
   export FLWR_HOME
   mkdir -p "$FLWR_HOME"
-  local old
+  local old dir owner
   old="$(ls -1d "$FLWR_BASE"/runs/*/ 2>/dev/null | sort | head -n -10 || true)"
-  [[ -n "$old" ]] && echo "$old" | xargs rm -rf
+  for dir in $old; do
+    owner="${dir%/}"
+    owner="${owner##*-}"
+    # a folder whose run.sh is still running stays (its SuperLink and logs are in use)
+    if [[ "$owner" =~ ^[0-9]+$ ]] && kill -0 "$owner" 2>/dev/null; then
+      continue
+    fi
+    rm -rf "$dir"
+  done
   ln -sfn "$FLWR_HOME" "$FLWR_BASE/last"
 }
 

@@ -269,6 +269,8 @@ class FedLLModel(nn.Module):
                 m.requires_grad_(False)
         for m in self.trainable_modules():
             m.requires_grad_(True)
+        for p in self.parameters():
+            p.grad = None  # a skeleton reused across rounds keeps the gradients of the layer trained last
         self._gen = torch.Generator().manual_seed(int(seed))
         self.frozen_flops = 0.0
         self.skipped_flops = 0.0

@@ -2,7 +2,8 @@
 
 Every model is a :class:`BlockModel`: ``forward(x) == head(blocks[-1](...blocks[0](x)))``.
 The blocks follow each architecture's own structure (ResNet: its four residual stages, the
-stem folded into the first; VGG: the conv groups between poolings, each ending with its pool),
+stem folded into the first, or with ``-fine`` one block per BasicBlock; VGG: the conv groups
+between poolings, each ending with its pool),
 and each block carries a :class:`BlockSpec` (channels in/out, spatial stride) so that the
 progressive strategies can build output modules and sub-models without knowing the model.
 
@@ -116,8 +117,14 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def _resnet(arch: str, layers: list[int], num_classes: int, width: float) -> BlockModel:
-    """CIFAR ResNet: 3x3 stride-1 stem, four stages of BasicBlocks, avgpool + fc."""
+def _resnet(arch: str, layers: list[int], num_classes: int, width: float, fine: bool = False) -> BlockModel:
+    """CIFAR ResNet: 3x3 stride-1 stem, four stages of BasicBlocks, avgpool + fc.
+
+    Blocks: the four residual stages (``fine=False``), or one block per BasicBlock (``fine=True``:
+    ``sum(layers)`` blocks, ``Sequential(BasicBlock)`` each); the stem is folded into the first block
+    either way. Both partitions build the same modules in the same order, so with the same seed
+    they are the same network (same parameters, same forward); only the block boundaries differ.
+    """
     stem_ch = scaled(64, width)
     planes = [scaled(c, width) for c in (64, 128, 256, 512)]
     strides = [1, 2, 2, 2]
@@ -132,8 +139,13 @@ def _resnet(arch: str, layers: list[int], num_classes: int, width: float) -> Blo
         for j in range(n):
             stage.append(BasicBlock(in_planes, p, s if j == 0 else 1))
             in_planes = p
-        blocks.append(nn.Sequential(*stage))
-        specs.append(BlockSpec(f"layer{i + 1}", block_in, p, s))
+            if fine:
+                blocks.append(nn.Sequential(*stage))
+                specs.append(BlockSpec(f"layer{i + 1}.{j}", block_in, p, s if j == 0 else 1))
+                stage, block_in = [], p
+        if not fine:
+            blocks.append(nn.Sequential(*stage))
+            specs.append(BlockSpec(f"layer{i + 1}", block_in, p, s))
     return BlockModel(blocks, _classifier(in_planes, num_classes), specs, arch, num_classes, width)
 
 
@@ -344,6 +356,8 @@ _BUILDERS: dict[str, Callable[[int, float], BlockModel]] = {
     "smallcnn": _small_cnn,
     "resnet10": lambda n, w: _resnet("resnet10", [1, 1, 1, 1], n, w),
     "resnet18": lambda n, w: _resnet("resnet18", [2, 2, 2, 2], n, w),
+    "resnet10-fine": lambda n, w: _resnet("resnet10-fine", [1, 1, 1, 1], n, w, fine=True),
+    "resnet18-fine": lambda n, w: _resnet("resnet18-fine", [2, 2, 2, 2], n, w, fine=True),
     "vgg11bn": lambda n, w: _vgg("vgg11bn", n, w),
     "vgg16bn": lambda n, w: _vgg("vgg16bn", n, w),
     "vit": lambda n, w: build_vit(n, w),

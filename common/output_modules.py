@@ -125,6 +125,8 @@ class StageModel(nn.Module):
             setattr(self, OUTMOD_PREFIX, nn.ModuleDict({str(stage): output_module}))
         for block in self.blocks[:stage]:
             block.requires_grad_(False)
+            for p in block.parameters():
+                p.grad = None  # a skeleton reused across rounds keeps the gradients of earlier stages
         for module in self.trainable_modules():
             module.requires_grad_(True)
 

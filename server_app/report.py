@@ -590,6 +590,9 @@ def panel_pace(run: RunData, spans: list[StageSpan]) -> str:
         _mark_stages(ax, spans, label=ax is ax_m)
     if run.trained:
         ax_s.set_xlim(0.5, int(run.trained[-1]["round"]) + 0.5)
+    profl = run.strategy == "profl"  # ProFL's pace tracks steps (shrinking, then growing) by effective movement
+    unit = "step" if profl else "block"
+    metric_name = "effective-movement" if profl else run.config.get("pace-metric", "metric")
     blocks = sorted({int(h["block"]) for h in history})
     positive = [v for v in (_num(h.get("metric")) for h in observed) if v is not None and v > 0]
     for block in blocks:
@@ -601,8 +604,8 @@ def panel_pace(run: RunData, spans: list[StageSpan]) -> str:
         sy = [float(h["smoothed"]) for h in hs if _num(h.get("smoothed")) is not None]
         if not mx:
             continue
-        ax_m.plot(mx, my, ".", color=color, alpha=0.6, label=f"block {block + 1} metric")
-        ax_m.plot(sx, sy, "-", color=color, lw=2, label=f"block {block + 1} smoothed")
+        ax_m.plot(mx, my, ".", color=color, alpha=0.6, label=f"{unit} {block + 1} metric")
+        ax_m.plot(sx, sy, "-", color=color, lw=2, label=f"{unit} {block + 1} smoothed")
         fx = [int(h["round"]) for h in hs if h.get("freeze") and _num(h.get("smoothed")) is not None]
         fy = [float(h["smoothed"]) for h in hs if h.get("freeze") and _num(h.get("smoothed")) is not None]
         ax_m.plot(fx, fy, "*", color="red", ms=13, mec="black", label="_freeze")
@@ -633,7 +636,7 @@ def panel_pace(run: RunData, spans: list[StageSpan]) -> str:
             va="top",
             color="red" if reason == "converged" else "#a60",
         )
-    ax_m.set_ylabel(f"block metric ({run.config.get('pace-metric', 'metric')})")
+    ax_m.set_ylabel(f"{unit} metric ({metric_name})")
     ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax_m.grid(alpha=0.3)
     ax_s.set_ylabel("relative slope / round")

@@ -825,6 +825,8 @@ class FedAvgStrategy(Strategy):
             f"{client} | {int(row.get('participants', 0))} clients ({int(row.get('failures', 0))} failed)"
             f" | {row['round-seconds']:.1f}s, elapsed {row['wall-seconds']:.0f}s, eta {eta:.0f}s"
         )
-        if row.get("froze-block"):
+        if row.get("froze-step"):  # ProFL: a shrinking step ends without freezing its block
+            line += f" | step {row['froze-step']} ended ({row['freeze-reason']})"
+        elif row.get("froze-block"):
             line += f" | block {row['froze-block']} frozen ({row['freeze-reason']})"
         print(line, flush=True)

@@ -89,6 +89,16 @@ def test_each_stage_trains_exactly_its_layer_and_head(name: str) -> None:
         assert all(id(p) not in held for m in later for p in m.parameters())  # later layers are not in the sub-model
 
 
+def test_a_reused_skeleton_holds_no_gradient_of_earlier_stages() -> None:
+    model = build_model("vit", 10, 0.25, seed=0)
+    heads = build_layer_heads(model, seed=1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    train_local(FedLLModel(model, 0, heads["0"]), x, y, epochs=1, batch_size=4, lr=0.1)
+    assert all(p.grad is not None for p in model.blocks[0][0].parameters())  # layer 1 was trained
+    sub = FedLLModel(model, 1, heads["1"])  # the client's next stage on the same skeleton
+    assert all(p.grad is None for p in sub.parameters())  # frozen layer 1 keeps no stale gradient
+
+
 @pytest.mark.parametrize("name", ["resnet18", "vit"])
 def test_depth_dropout_never_skips_the_active_or_a_shape_changing_layer(name: str) -> None:
     layer = num_layers(name) - 1

@@ -9,7 +9,7 @@ from common.models import MODEL_NAMES, build_model, count_parameters, scaled
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("width", [1.0, 0.25])
 def test_blocks_then_head_equals_forward(name: str, width: float) -> None:
-    if width == 1.0 and name in ("vgg16bn", "resnet18"):
+    if width == 1.0 and name in ("vgg16bn", "resnet18", "resnet18-fine"):
         width = 0.5  # same code path, faster
     model = build_model(name, num_classes=10, width=width, seed=1).eval()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

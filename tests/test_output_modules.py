@@ -145,3 +145,13 @@ def test_frozen_chunk_default_setter_and_training_with_it() -> None:
     assert results[0][0] == pytest.approx(results[5][0], rel=1e-5)
     for key, value in results[0][1].items():
         torch.testing.assert_close(results[5][1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_stage_model_drops_stale_gradients_of_blocks_trained_in_earlier_stages() -> None:
+    """A client reuses one model skeleton: block 0's gradients from stage 1 must not stay alive in stage 2."""
+    model = build_model("smallcnn", 10, 0.25, seed=0)
+    first = StageModel(model, 0, build_output_module(model, 0))
+    first(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.blocks[0].parameters())
+    StageModel(model, 1, build_output_module(model, 1))
+    assert all(p.grad is None for p in model.blocks[0].parameters())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from common.config import parse_run_config
@@ -13,7 +12,13 @@ from server_app.outputs import RunRecorder
 from server_app.smartfreeze import SmartFreezeStrategy
 from server_app.strategy import FedAvgStrategy, NodeInfo
 
-SMALL = {"model": "smallcnn", "synthetic-train-size": 200, "synthetic-test-size": 50, "fraction-train": 0.5, "num-rounds": 20}
+SMALL = {
+    "model": "smallcnn",
+    "synthetic-train-size": 200,
+    "synthetic-test-size": 50,
+    "fraction-train": 0.5,
+    "num-rounds": 20,
+}
 
 
 class FakeGrid:
