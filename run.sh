@@ -202,13 +202,17 @@ flwr_run() {
 }
 
 # quiet_env OVERRIDES: unless the run config says verbose=true, silence what means nothing to a
-# user: Flower's INFO/WARNING chatter (FLWR_LOG_LEVEL) and the torch profiler's per-start/stop lines
-# (KINETO_LOG_LEVEL); errors stay. Values already in the environment win.
+# user: Flower's INFO/WARNING chatter (FLWR_LOG_LEVEL), the torch profiler's per-start/stop lines
+# (KINETO_LOG_LEVEL) and the Ray workers' own output (RAY_TO_DRIVER=false: federation config
+# init-args-log-to-driver; ClientApp errors still reach the ServerApp as error replies and are
+# logged). Errors stay. Values already in the environment win.
 quiet_env() {
   if [[ " $1 " == *" verbose=true "* ]]; then
     export FLWR_LOG_LEVEL="${FLWR_LOG_LEVEL:-INFO}" KINETO_LOG_LEVEL="${KINETO_LOG_LEVEL:-3}"
+    RAY_TO_DRIVER=true
   else
     export FLWR_LOG_LEVEL="${FLWR_LOG_LEVEL:-ERROR}" KINETO_LOG_LEVEL="${KINETO_LOG_LEVEL:-6}"
+    RAY_TO_DRIVER=false
   fi
 }
 
@@ -248,7 +252,8 @@ cmd_run() {
   local sl=$LAST_PID
   wait_health "$port" "$sl" "$FLWR_HOME/superlink.log"
   write_connection sim "$port"
-  flwr_run sim "$overrides" --federation-config "num-supernodes=$supernodes client-resources-num-cpus=$cpus"
+  flwr_run sim "$overrides" --federation-config \
+    "num-supernodes=$supernodes client-resources-num-cpus=$cpus init-args-log-to-driver=$RAY_TO_DRIVER"
 }
 
 cmd_deploy_local() {
