@@ -158,9 +158,17 @@ def overhead(reps: int = 5, steps: int = 30) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`worker` in a fresh interpreter so no earlier model pollutes the measurement."""
+    return run_module_worker("bench.memory", spec)
+
+
+def run_module_worker(module: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``python -m <module> --worker <spec as JSON>`` in a fresh interpreter; its last stdout line as JSON.
+
+    Shared by the memory benchmarks, whose workers measure one configuration each in a clean process.
+    """
     env = dict(os.environ, KINETO_LOG_LEVEL="5", TORCH_CPP_LOG_LEVEL="ERROR")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.memory", "--worker", json.dumps(spec)],
+        [sys.executable, "-m", module, "--worker", json.dumps(spec)],
         cwd=ROOT,
         env=env,
         capture_output=True,

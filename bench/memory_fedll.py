@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from bench.memory import run_module_worker
 from common.fedll import FedLLModel, build_layer_heads, num_layers, required_mb
 from common.memory import measure_training_peak, stage_memory
 from common.models import build_model
@@ -66,18 +66,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`worker` in a fresh interpreter so that no earlier model pollutes the measurement."""
-    env = dict(os.environ, KINETO_LOG_LEVEL="5", TORCH_CPP_LOG_LEVEL="ERROR")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.memory_fedll", "--worker", json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_module_worker("bench.memory_fedll", spec)
 
 
 def main(argv: list[str] | None = None) -> int:

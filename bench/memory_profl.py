@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.memory import training_module, warm_up
+from bench.memory import run_module_worker, training_module, warm_up
 from common.memory import measure_training_peak, stage_memory
 from common.models import build_model
 from common.profl import ProFLSchedule, ShrinkModel, build_basic_layers, shrink_memory
@@ -67,18 +65,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`worker` in a fresh interpreter, so no earlier model pollutes the measurement."""
-    env = dict(os.environ, KINETO_LOG_LEVEL="5", TORCH_CPP_LOG_LEVEL="ERROR")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.memory_profl", "--worker", json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_module_worker("bench.memory_profl", spec)
 
 
 def modelled_mb(name: str, width: float, phase: str | None, block: int, batch_size: int) -> float:

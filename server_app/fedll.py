@@ -29,7 +29,6 @@ import math
 import numpy as np
 
 from common import protocol as P
-from common.aggregate import weighted_average
 from common.config import RunConfig
 from common.data import held_out_set
 from common.fedll import (
@@ -153,12 +152,7 @@ class FedLLStrategy(FedAvgStrategy):
 
     def apply_updates(self, server_round: int, updates: list[tuple[dict[str, np.ndarray], float]]) -> None:
         """Average the active layer and head (FedAvg); everything else is untouched."""
-        expected = set(self._active_keys())
-        for arrays, _ in updates:
-            if set(arrays) != expected:
-                extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
-                raise ValueError(f"layer {self.layer + 1} reply: unexpected keys {extra[:3]}, missing {missing[:3]}")
-        self.merge(weighted_average(updates))
+        self.merge_part(updates, set(self._active_keys()), f"layer {self.layer + 1}")
 
     def eval_payload(self, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, int | float | str | bool]]:
         """The whole stage sub-model (frozen layers + active layer + head)."""

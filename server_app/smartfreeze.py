@@ -28,7 +28,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import protocol as P
-from common.aggregate import weighted_average
 from common.community import RLCDConfig, data_importance, rl_cd, similarity_matrix
 from common.config import RunConfig
 from common.models import BlockModel
@@ -225,12 +224,7 @@ class SmartFreezeStrategy(FedAvgStrategy):
 
     def apply_updates(self, server_round: int, updates: list[tuple[dict[str, np.ndarray], float]]) -> None:
         """Average the active block and output module (Eq. 1); everything else is untouched."""
-        expected = set(self._active_keys())
-        for arrays, _ in updates:
-            if set(arrays) != expected:
-                extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
-                raise ValueError(f"stage {self.stage + 1} reply: unexpected keys {extra[:3]}, missing {missing[:3]}")
-        self.merge(weighted_average(updates))
+        self.merge_part(updates, set(self._active_keys()), f"stage {self.stage + 1}")
 
     def eval_payload(self, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, int | float | str | bool]]:
         """The whole stage sub-model (frozen prefix + active block + output module)."""

@@ -305,6 +305,15 @@ class FedAvgStrategy(Strategy):
         """Aggregate replies into the global model (FedAvg, SmartFreeze Eq. 1)."""
         self.merge(weighted_average(updates))
 
+    def merge_part(self, updates: list[tuple[dict[str, np.ndarray], float]], expected: set[str], what: str) -> None:
+        """Weighted average (Eq. 1) of replies that each carry exactly the keys ``expected`` (the trained
+        part, ``what`` names it in the error), merged into the global state; the rest is untouched."""
+        for arrays, _ in updates:
+            if set(arrays) != expected:
+                extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+                raise ValueError(f"{what} reply: unexpected keys {extra[:3]}, missing {missing[:3]}")
+        self.merge(weighted_average(updates))
+
     def merge(self, aggregated: dict[str, np.ndarray]) -> None:
         """Write aggregated arrays into the global state, keeping each key's global shape.
 
