@@ -156,6 +156,17 @@ def overhead(reps: int = 5, steps: int = 30) -> dict[str, Any]:
     }
 
 
+def environment() -> dict[str, Any]:
+    """Versions and machine facts saved with every memory benchmark's JSON."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`worker` in a fresh interpreter so no earlier model pollutes the measurement."""
     return run_module_worker("bench.memory", spec)
@@ -325,13 +336,7 @@ def main(argv: list[str] | None = None) -> None:
             "optimizer": "SGD momentum 0.9, weight decay 5e-4",
             "units": "MB = 2**20 bytes",
         },
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-        },
+        "environment": environment(),
         "rows": rows,
         "targets": targets,
     }

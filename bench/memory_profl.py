@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from bench.memory import run_module_worker, training_module, warm_up
+from bench.memory import environment, run_module_worker, training_module, warm_up
 from common.memory import measure_training_peak, stage_memory
 from common.models import build_model
 from common.profl import ProFLSchedule, ShrinkModel, build_basic_layers, shrink_memory
@@ -183,13 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             "optimizer": "SGD momentum 0.9, weight decay 5e-4",
             "units": "MB = 2**20 bytes",
         },
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-        },
+        "environment": environment(),
         "rows": rows,
         "summary": summary,
         "seconds": time.perf_counter() - start,
