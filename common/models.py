@@ -325,6 +325,7 @@ def build_vit(
     image_size: int = 32,
     layers_per_block: int = VIT_LAYERS_PER_BLOCK,
     mlp_ratio: float = 2.0,
+    arch: str = "vit",
 ) -> BlockModel:
     """A small ViT for ``image_size`` x ``image_size`` inputs as a :class:`BlockModel`.
 
@@ -334,7 +335,9 @@ def build_vit(
     pooling over the tokens, linear). Blocks: ``layers_per_block`` encoder layers each, the patch
     embedding folded into the first block (like the ResNet stem) and the final LayerNorm into the
     last; their :class:`BlockSpec` read the token grid as an image (D channels, stride ``patch``
-    for the first block, 1 after).
+    for the first block, 1 after). ``arch`` is the zoo name (``vit``: 8 layers in 4 blocks;
+    ``vit-d4``: 4 layers in 2 blocks; ``vit-d12``: 12 layers in 4 blocks of 3), so every cache keyed by
+    the model name builds the same network.
     """
     if depth < 1 or heads < 1 or layers_per_block < 1:
         raise ValueError(f"vit needs depth, heads and layers_per_block >= 1, got {depth}, {heads}, {layers_per_block}")
@@ -349,7 +352,7 @@ def build_vit(
             modules.append(GridLayerNorm(dim))
         blocks.append(nn.Sequential(*modules))
         specs.append(BlockSpec(f"encoder{i + 1}", 3 if i == 0 else dim, dim, patch if i == 0 else 1))
-    return BlockModel(blocks, _classifier(dim, num_classes), specs, "vit", num_classes, width)
+    return BlockModel(blocks, _classifier(dim, num_classes), specs, arch, num_classes, width)
 
 
 _BUILDERS: dict[str, Callable[[int, float], BlockModel]] = {
@@ -361,6 +364,8 @@ _BUILDERS: dict[str, Callable[[int, float], BlockModel]] = {
     "vgg11bn": lambda n, w: _vgg("vgg11bn", n, w),
     "vgg16bn": lambda n, w: _vgg("vgg16bn", n, w),
     "vit": lambda n, w: build_vit(n, w),
+    "vit-d4": lambda n, w: build_vit(n, w, depth=4, arch="vit-d4"),
+    "vit-d12": lambda n, w: build_vit(n, w, depth=12, layers_per_block=3, arch="vit-d12"),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)

@@ -42,6 +42,20 @@ def test_vit_depth_width_heads_are_configurable() -> None:
         build_model("vit", 10, 0.25)(torch.zeros(1, 3, 28, 28))
 
 
+@pytest.mark.parametrize(("name", "layers", "blocks"), [("vit", 8, 4), ("vit-d4", 4, 2), ("vit-d12", 12, 4)])
+def test_vit_depth_variants_are_selectable_by_model_name(name: str, layers: int, blocks: int) -> None:
+    """The run config picks the depth through ``model``; every cache keyed by the name builds the same net."""
+    model = build_model(name, 10, 0.25, seed=0)
+    assert model.arch == name and model.num_blocks == blocks
+    assert sum(isinstance(m, EncoderLayer) for m in model.modules()) == layers
+    x = torch.randn(2, 3, 32, 32)
+    out = x
+    for block in model.blocks:
+        out = block(out)
+    torch.testing.assert_close(model.head(out), model(x))
+    assert parse_run_config({"model": name}).model == name
+
+
 def test_attention_core_matches_pytorch_sdpa_and_counts_its_flops() -> None:
     q, k, v = (torch.randn(2, 4, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
