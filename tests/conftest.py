@@ -1,4 +1,4 @@
-"""Shared helpers for the end-to-end tests: free ports, process handling, app env."""
+"""Shared test helpers: free ports, process handling and app env (end-to-end tests); strategies with fake nodes."""
 
 from __future__ import annotations
 
@@ -100,3 +100,36 @@ def write_connection(flwr_home: Path, name: str, port: int) -> None:
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
+
+
+SMALL_SYNTHETIC = {"model": "smallcnn", "synthetic-train-size": 200, "synthetic-test-size": 50}
+"""Run-config overrides for strategy unit tests: the small CNN on a tiny synthetic set."""
+
+
+def strategy_with_nodes(
+    cls: type,
+    run_dir: Path,
+    budgets: list[float],
+    node_offset: int = 100,
+    examples: int = 50,
+    examples_step: int = 0,
+    **over: object,
+):
+    """Strategy ``cls`` on :data:`SMALL_SYNTHETIC` (+ ``over``) with fake nodes, no Flower.
+
+    Node ``pid`` (0..len(budgets)-1) has node id ``node_offset + pid``, ``examples + examples_step * pid``
+    training examples, memory budget ``budgets[pid]`` MB and a seeded speed of 1-5 GFLOP/s.
+    """
+    import numpy as np
+
+    from common.config import parse_run_config
+    from server_app.outputs import RunRecorder
+    from server_app.strategy import NodeInfo
+
+    cfg = parse_run_config({**SMALL_SYNTHETIC, "strategy": cls.name, **over})
+    strategy = cls(cfg, RunRecorder(cfg, run_dir), 10)
+    rng = np.random.default_rng(0)
+    for pid, mb in enumerate(budgets):
+        speed = float(rng.uniform(1e9, 5e9))
+        strategy.nodes[pid] = NodeInfo(node_offset + pid, pid, examples + examples_step * pid, mb, speed)
+    return strategy

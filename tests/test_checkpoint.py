@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL_SYNTHETIC, strategy_with_nodes
 
 from common import protocol as P
 from common.config import STRATEGY_NAMES, ConfigError, parse_run_config
@@ -17,22 +18,15 @@ from common.selector import ParticipantSelector, SelectorConfig
 from common.stages import StageMachine
 from server_app import checkpoint as ck
 from server_app.baselines import AllSmallStrategy
-from server_app.outputs import RunRecorder
 from server_app.smartfreeze import SmartFreezeStrategy
-from server_app.strategy import FedAvgStrategy, NodeInfo
+from server_app.strategy import FedAvgStrategy
 
-SMALL = {"model": "smallcnn", "synthetic-train-size": 200, "synthetic-test-size": 50}
+SMALL = SMALL_SYNTHETIC
 
 
 def make(cls: type, run_dir: Path, budgets: list[float], node_offset: int = 100, **over: object) -> FedAvgStrategy:
-    """A strategy with fake nodes (partition ids 0..n-1, node ids ``node_offset + pid``)."""
-    cfg = parse_run_config({**SMALL, "strategy": cls.name, **over})
-    strategy = cls(cfg, RunRecorder(cfg, run_dir), 10)
-    rng = np.random.default_rng(0)
-    for pid, mb in enumerate(budgets):
-        node = NodeInfo(node_offset + pid, pid, 50 + pid, memory_mb=mb, speed_flops=float(rng.uniform(1e9, 5e9)))
-        strategy.nodes[pid] = node
-    return strategy
+    """A strategy with fake nodes (partition ids 0..n-1, node ids ``node_offset + pid``, 50 + pid examples)."""
+    return strategy_with_nodes(cls, run_dir, budgets, node_offset=node_offset, examples_step=1, **over)
 
 
 def roundtrip(strategy: FedAvgStrategy, fresh: FedAvgStrategy, server_round: int = 3) -> ck.Checkpoint:

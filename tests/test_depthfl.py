@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import strategy_with_nodes
 from flwr.app import ConfigRecord
 
 from client_app.app import _build, _required_mb
@@ -30,20 +31,11 @@ from common.memory import measure_training_peak, stage_memory
 from common.models import build_model
 from common.training import evaluate, state_to_numpy, train_local
 from server_app.depthfl import DepthFLStrategy
-from server_app.outputs import RunRecorder
 from server_app.registry import STRATEGIES
-from server_app.strategy import NodeInfo
-
-SMALL = {"strategy": "depthfl", "synthetic-train-size": 200, "synthetic-test-size": 50}
 
 
 def make(tmp_path: Path, budgets: list[float], **over: object) -> DepthFLStrategy:
-    cfg = parse_run_config({**SMALL, "model": "smallcnn", **over})
-    strategy = DepthFLStrategy(cfg, RunRecorder(cfg, tmp_path / "depthfl"), 10)
-    rng = np.random.default_rng(0)
-    for pid, mb in enumerate(budgets):
-        strategy.nodes[pid] = NodeInfo(pid + 100, pid, 50, memory_mb=mb, speed_flops=float(rng.uniform(1e9, 5e9)))
-    return strategy
+    return strategy_with_nodes(DepthFLStrategy, tmp_path / "depthfl", budgets, **over)
 
 
 @pytest.mark.parametrize("name", ["smallcnn", "resnet10", "vgg11bn"])

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import strategy_with_nodes
 from flwr.app import ConfigRecord
 
 from client_app.app import _build, _required_mb
@@ -26,20 +27,11 @@ from common.memory import stage_memory
 from common.models import MODEL_NAMES, build_model
 from common.training import evaluate, state_to_numpy, train_local
 from server_app.heterofl import HeteroFLStrategy
-from server_app.outputs import RunRecorder
 from server_app.registry import STRATEGIES
-from server_app.strategy import NodeInfo
-
-SMALL = {"strategy": "heterofl", "synthetic-train-size": 200, "synthetic-test-size": 50}
 
 
 def make(tmp_path: Path, budgets: list[float], **over: object) -> HeteroFLStrategy:
-    cfg = parse_run_config({**SMALL, "model": "smallcnn", **over})
-    strategy = HeteroFLStrategy(cfg, RunRecorder(cfg, tmp_path / "heterofl"), 10)
-    rng = np.random.default_rng(0)
-    for pid, mb in enumerate(budgets):
-        strategy.nodes[pid] = NodeInfo(pid + 100, pid, 50, memory_mb=mb, speed_flops=float(rng.uniform(1e9, 5e9)))
-    return strategy
+    return strategy_with_nodes(HeteroFLStrategy, tmp_path / "heterofl", budgets, **over)
 
 
 def test_slicing_takes_the_leading_block() -> None:
