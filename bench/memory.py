@@ -49,6 +49,7 @@ from torch import nn
 from common.memory import measure_training_peak, stage_memory, track_peak
 from common.models import build_model
 from common.output_modules import DEFAULT_FROZEN_CHUNK, StageModel, build_output_module
+from common.sgd import SGD
 from common.training import train_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,9 +74,7 @@ def train_zero_grad_after_forward(
 ) -> None:
     """``train_local``'s loop with ``zero_grad(set_to_none=True)`` after the forward pass (what-if:
     the previous step's gradients stay alive during the forward)."""
-    opt = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
+    opt = SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):

@@ -59,6 +59,7 @@ from torch.utils._pytree import tree_leaves
 
 from common.models import BlockModel
 from common.output_modules import DEFAULT_FROZEN_CHUNK, StageModel, build_output_module
+from common.sgd import register_step_post_hook
 from common.training import train_local
 
 __all__ = [
@@ -601,15 +602,16 @@ def _warm_up_profiler() -> None:
 class _TorchPeak:
     """Peak of PyTorch's live bytes: CUDA allocator statistics, or CPU allocator profiler events.
 
-    On CPU the profiler can stop itself after ``max_steps`` optimizer steps (a global optimizer
-    step hook), so that a long loop pays its small per-op cost only for the first steps.
+    On CPU the profiler can stop itself after ``max_steps`` optimizer steps (global step hooks of
+    ``torch.optim`` optimizers and of :class:`common.sgd.SGD`), so that a long loop pays its small
+    per-op cost only for the first steps.
     """
 
     def __init__(self, device: torch.device, max_steps: int | None) -> None:
         self._device = device
         self._max_steps = max_steps
         self._prof: torch.autograd.profiler.profile | None = None
-        self._hook: Any = None
+        self._hooks: list[Any] = []
         self._peak = 0
         self.steps = 0
         self.method = ""
@@ -629,7 +631,7 @@ class _TorchPeak:
             self._prof = _cpu_memory_profiler()
             self._prof.__enter__()
             self.method = "cpu-profiler-memory-events"
-        self._hook = register_optimizer_step_post_hook(self._on_step)
+        self._hooks = [register_optimizer_step_post_hook(self._on_step), register_step_post_hook(self._on_step)]
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.method == "cpu-profiler-memory-events" and self._prof is None:
@@ -646,9 +648,9 @@ class _TorchPeak:
 
     def stop(self) -> float:
         """Stop and return the peak in bytes: above the start on CPU, absolute on CUDA; nan if unmeasured."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._stop_profiler()
         if self.method == "cuda-allocator":
             torch.cuda.synchronize(self._device)

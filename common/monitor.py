@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.models import BlockModel
+from common.sgd import SGD
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def output_layer_gradient(
     layer.load_state_dict(linear.state_dict())
     pre_linear = nn.Sequential(*[m for m in model.head.children() if m is not linear])
     start = torch.cat([layer.weight.detach().flatten(), layer.bias.detach().flatten()]).clone()
-    opt = torch.optim.SGD(layer.parameters(), lr=lr)
+    opt = SGD(layer.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     for _ in range(steps):
@@ -77,7 +78,7 @@ def measure_throughput(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     if not params or len(y) == 0:
         return 0.0
     saved = {k: v.clone() for k, v in module.state_dict().items()}
-    opt = torch.optim.SGD(params, lr=0.0)
+    opt = SGD(params, lr=0.0)
     module.train()
     n = min(batch_size, len(y))
     seen = 0

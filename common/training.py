@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.sgd import SGD
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -45,9 +47,10 @@ def train_local(
 ) -> TrainResult:
     """SGD on ``(x, y)`` for ``epochs`` epochs with seeded shuffling.
 
-    Only parameters with ``requires_grad`` are optimised. A model with a ``training_loss(outputs,
-    targets) -> per-sample losses`` method (e.g. DepthFL's multi-exit model) trains on that loss;
-    otherwise cross-entropy. Returns the mean training loss over
+    The optimiser is :class:`common.sgd.SGD` (``torch.optim.SGD``'s update, bit for bit, without its
+    import of ``torch._dynamo``). Only parameters with ``requires_grad`` are optimised. A model with a
+    ``training_loss(outputs, targets) -> per-sample losses`` method (e.g. DepthFL's multi-exit model)
+    trains on that loss; otherwise cross-entropy. Returns the mean training loss over
     all steps (per sample) and the mean of squared per-sample losses (input of SmartFreeze
     Eq. 9, data importance).
 
@@ -60,7 +63,7 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_local: the model has no trainable parameters")
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = len(y)
     model.train()
