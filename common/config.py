@@ -16,12 +16,12 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.data import DATASET_NAMES, DataSpec
+from common.dataspec import DATASET_NAMES, DataSpec
 from common.devices import DEVICE_PROFILES, parse_list
-from common.models import MODEL_NAMES, build_model
 from common.pace import PACE_METRICS, PaceConfig
 from common.partition import PARTITION_SCHEMES
 from common.selector import SelectorConfig
+from common.zoo import FEDLL_LAYERS, MODEL_BLOCKS, MODEL_NAMES
 
 STRATEGY_NAMES: tuple[str, ...] = (
     "fedavg",
@@ -140,7 +140,7 @@ class RunConfig(BaseModel):
         if self.device_profile == "list":
             parse_list(self.device_memory_mb, "device-memory-mb")
         if self.strategy in PROGRESSIVE_STRATEGIES:
-            blocks = build_model(self.model, width=0.0625).num_blocks
+            blocks = MODEL_BLOCKS[self.model]
             if self.max_stage_rounds and self.max_stage_rounds < self.min_stage_rounds:
                 raise ValueError(
                     f"max-stage-rounds={self.max_stage_rounds} is below min-stage-rounds={self.min_stage_rounds}"
@@ -154,9 +154,7 @@ class RunConfig(BaseModel):
                     f"use num-rounds >= {phases * blocks * self.min_stage_rounds}"
                 )
         if self.strategy == "fedll":
-            from common.fedll import num_layers
-
-            layers = num_layers(self.model)
+            layers = FEDLL_LAYERS[self.model]
             if self.num_rounds < layers:
                 raise ValueError(
                     f"num-rounds={self.num_rounds} is too few for strategy 'fedll': model {self.model!r} has "

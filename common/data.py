@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.dataspec import DATASET_NAMES, DataSpec
 from common.partition import partition_indices
 
-DATASET_NAMES: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "npz")
 NPZ_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
 _SYNTHETIC_CHUNK = 500
 """Images per chunk of synthetic pixel noise (float64 draw of 12 MB instead of one of the whole set)."""
@@ -42,23 +42,6 @@ class ArrayDataset:
         """(channels, height, width) of one image as the model sees it."""
         _, h, w, c = self.x_train.shape
         return (c, h, w)
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Everything that determines a dataset and its partitioning (hashable cache key)."""
-
-    dataset: str = "synthetic"
-    data_path: str = ""
-    data_dir: str = ""
-    download: bool = False
-    seed: int = 0
-    synthetic_train_size: int = 6000
-    synthetic_test_size: int = 1000
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    min_partition_size: int = 10
-    val_fraction: float = 0.1
 
 
 def make_synthetic(num_train: int, num_test: int, seed: int, num_classes: int = 10) -> ArrayDataset:

@@ -1,5 +1,9 @@
 """Models in blocks: blocks + head reproduce forward exactly; known parameter counts."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,3 +89,24 @@ def test_block_keys_are_prefixed_by_block_index() -> None:
 def test_unknown_model_lists_choices() -> None:
     with pytest.raises(ValueError, match="valid choices: smallcnn, resnet10"):
         build_model("resnet50")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_torch_free_zoo_lists_every_model_with_its_blocks_and_fedll_layers(name: str) -> None:
+    from common.fedll import num_layers
+    from common.zoo import FEDLL_LAYERS, MODEL_BLOCKS
+    from common.zoo import MODEL_NAMES as ZOO_NAMES
+
+    assert ZOO_NAMES == MODEL_NAMES
+    assert MODEL_BLOCKS[name] == build_model(name, width=0.25).num_blocks
+    assert FEDLL_LAYERS[name] == num_layers(name)
+
+
+def test_config_validation_imports_no_torch() -> None:
+    """run.sh's preflight validates the config before anything starts: without torch (~5 s, ~480 MB)."""
+    code = "import sys, common.preflight; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False"
