@@ -194,8 +194,60 @@ flwr_run() {
   set -e
   rid="$(grep -oE 'run [0-9]+' "$logfile" | head -1 | grep -oE '[0-9]+' || true)"
   [[ -n "$rid" ]] || die "flwr run did not start a run (see $logfile)"
-  status="$(flwr list "$conn" --run-id "$rid" --format json 2>/dev/null | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["runs"][0]["status"])' || echo unknown)"
+  status="$(run_status "$conn" "$rid")"
   if [[ "$status" != "finished:completed" ]]; then
+    die "run $rid ended with status '$status' (log: $logfile)"
+  fi
+  log "run $rid completed"
+}
+
+# run_status CONNECTION RUN_ID: the run's status as Flower reports it (e.g. finished:completed)
+run_status() {
+  flwr list "$1" --run-id "$2" --format json 2>/dev/null |
+    "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["runs"][0]["status"])' 2>/dev/null || echo unknown
+}
+
+# flwr_follow CONNECTION OVERRIDES PORT SUPERLINK_PID [extra flwr args...]: quiet simulations. Submit
+# the run without a log stream and print the ServerApp's copy of its output ($PROGFL_PROGRESS_FILE,
+# server_app/progress.py) as it grows, until the run's flwr-simulation process (the one talking to
+# the SuperLink on PORT) has exited: no `flwr run --stream` process alive for the whole run (~80 MB,
+# ~10 CPU s per 20-round run). Fails, with Flower's full log of the run, if the run did not complete.
+flwr_follow() {
+  local conn="$1" overrides="$2" port="$3" sl="$4"
+  shift 4
+  local logfile="$FLWR_HOME/run.log" progress="$PROGFL_PROGRESS_FILE" rid status
+  local args=(run "$ROOT" "$conn" "$@")
+  [[ -n "$overrides" ]] && args+=(--run-config "$overrides")
+  : >"$progress"
+  if ! flwr "${args[@]}" >"$logfile" 2>&1; then
+    cat "$logfile" >&2
+    die "flwr run could not submit the run (log: $logfile)"
+  fi
+  rid="$(grep -oE 'run [0-9]+' "$logfile" | head -1 | grep -oE '[0-9]+' || true)"
+  [[ -n "$rid" ]] || { cat "$logfile" >&2; die "flwr run did not start a run (see $logfile)"; }
+  (tail -n +1 -s 0.2 -F "$progress" 2>/dev/null | tee -a "$logfile" | grep --line-buffered -v -E '^\s*$') 2>/dev/null &
+  local tailer=$!
+  local pattern="flwr-simulation --runtime-api-address 127.0.0.1:$port" seen=0 waited=0
+  while kill -0 "$sl" 2>/dev/null; do
+    if pgrep -f -- "$pattern" >/dev/null; then
+      seen=1
+    elif [[ "$seen" -eq 1 ]]; then
+      break
+    elif ((waited > 0 && waited % 30 == 0)); then
+      # not started yet: a run that ended (or failed) before its simulation was seen ends the wait
+      status="$(run_status "$conn" "$rid")"
+      [[ "$status" == finished:* ]] && break
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+  sleep 1  # the last lines reach the terminal (tail polls every 0.2 s)
+  pkill -P "$tailer" 2>/dev/null || true
+  wait "$tailer" 2>/dev/null || true
+  status="$(run_status "$conn" "$rid")"
+  if [[ "$status" != "finished:completed" ]]; then
+    log "Flower's log of run $rid:"
+    flwr log "$rid" "$conn" --show >&2 2>&1 || true
     die "run $rid ended with status '$status' (log: $logfile)"
   fi
   log "run $rid completed"
@@ -248,12 +300,22 @@ cmd_run() {
   mkdir -p "$OUTPUTS"
   new_session
   export PROGFL_OUTPUT_DIR="$OUTPUTS"
+  # quiet runs follow the ServerApp's copy of its output instead of a `flwr run --stream` process
+  if [[ "$RAY_TO_DRIVER" == false ]]; then
+    export PROGFL_PROGRESS_FILE="$FLWR_HOME/progress.log"
+  else
+    unset PROGFL_PROGRESS_FILE
+  fi
   start_bg "$FLWR_HOME/superlink.log" flower-superlink --insecure --simulation --host 127.0.0.1 --port "$port"
   local sl=$LAST_PID
   wait_health "$port" "$sl" "$FLWR_HOME/superlink.log"
   write_connection sim "$port"
-  flwr_run sim "$overrides" --federation-config \
-    "num-supernodes=$supernodes client-resources-num-cpus=$cpus init-args-log-to-driver=$RAY_TO_DRIVER"
+  local federation="num-supernodes=$supernodes client-resources-num-cpus=$cpus init-args-log-to-driver=$RAY_TO_DRIVER"
+  if [[ -n "${PROGFL_PROGRESS_FILE:-}" ]]; then
+    flwr_follow sim "$overrides" "$port" "$sl" --federation-config "$federation"
+  else
+    flwr_run sim "$overrides" --federation-config "$federation"
+  fi
 }
 
 cmd_deploy_local() {

@@ -11,6 +11,7 @@ from common.config import parse_run_config
 from common.data import load_dataset
 from server_app.checkpoint import check_resume, checkpoint_path, load_checkpoint
 from server_app.outputs import RunRecorder, resolve_run_dir
+from server_app.progress import tee_output
 from server_app.registry import build_strategy
 
 app = ServerApp()
@@ -19,7 +20,16 @@ log = logging.getLogger("progfl")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point: the run config is validated before anything trains."""
+    """Entry point: the run config is validated before anything trains.
+
+    Output is also copied to ``$PROGFL_PROGRESS_FILE`` when set (``run.sh``'s quiet simulations
+    follow that file instead of a ``flwr run --stream`` process; :mod:`server_app.progress`).
+    """
+    with tee_output():
+        _run(grid, context)
+
+
+def _run(grid: Grid, context: Context) -> None:
     cfg = parse_run_config(context.run_config)
     if not log.handlers:
         handler = logging.StreamHandler()
