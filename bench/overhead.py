@@ -4,7 +4,8 @@ Run: ``./run.sh bench overhead [--strategy fedavg|smartfreeze] [--supernodes 20]
 [--fraction-train 0.5] [--cpus-per-client 1] [--plain-threads N] [--interval 0.5] [--label NAME]``
 (``.venv/bin/python -m bench.overhead``). One invocation measures, one after the other:
 
-(a) **simulation**: ``./run.sh run`` as a subprocess (preflight, its own SuperLink, ``flwr run --stream``,
+(a) **simulation**: ``./run.sh run`` as a subprocess (preflight, its own SuperLink, ``flwr run``, which
+    exits once the run is submitted while run.sh follows the ServerApp's progress file, ``flwr list``,
     superexec, ``flwr-simulation`` with the ServerApp and the Ray driver, Ray's raylet/gcs_server/agents and
     the ClientApp actors, teardown); wall time from launch to exit;
 (b) **plain loop**: the same federated work in one fresh Python process (``--plain-worker``), with the
@@ -110,7 +111,7 @@ EXECUTABLES: dict[str, str] = {
     "flwr-simulation": "flwr-simulation (ServerApp, Ray driver)",
     "flower-superexec": "superexec",
     "flower-superlink": "superlink",
-    "flwr": "flwr CLI (run --stream, list)",
+    "flwr": "flwr CLI (run, list)",
     "default_worker.py": "ray idle workers",
     "setup_worker.py": "ray idle workers",
     "dashboard.py": "ray dashboard",
@@ -546,7 +547,7 @@ def simulation_timeline(phase: Phase, run_dir: Path, doc: dict[str, Any]) -> dic
     done_line = next((t for t, line in phase.lines if "run " in line and "completed" in line), None)
     return {
         "superlink-started": rel(s.first_start("superlink")),
-        "flwr-cli-started": rel(s.first_start("flwr CLI (run --stream, list)")),
+        "flwr-cli-started": rel(s.first_start("flwr CLI (run, list)")),
         "superexec-started": rel(s.first_start("superexec")),
         "flwr-simulation-started": rel(s.first_start("flwr-simulation (ServerApp, Ray driver)")),
         "ray-gcs-started": rel(s.first_start("ray gcs_server")),
