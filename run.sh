@@ -225,7 +225,8 @@ flwr_follow() {
   fi
   rid="$(grep -oE 'run [0-9]+' "$logfile" | head -1 | grep -oE '[0-9]+' || true)"
   [[ -n "$rid" ]] || { cat "$logfile" >&2; die "flwr run did not start a run (see $logfile)"; }
-  (tail -n +1 -s 0.2 -F "$progress" 2>/dev/null | tee -a "$logfile" | grep --line-buffered -v -E '^\s*$') 2>/dev/null &
+  # --pid: tail ends with this script even if it is killed before it stops the follower itself
+  (tail --pid=$$ -n +1 -s 0.2 -F "$progress" 2>/dev/null | tee -a "$logfile" | grep --line-buffered -v -E '^\s*$') 2>/dev/null &
   local tailer=$!
   local pattern="flwr-simulation --runtime-api-address 127.0.0.1:$port" seen=0 waited=0
   while kill -0 "$sl" 2>/dev/null; do
