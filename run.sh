@@ -186,25 +186,43 @@ EOF
 flwr_run() {
   local conn="$1" overrides="$2"
   shift 2
-  local logfile="$FLWR_HOME/run.log" rid status
+  local logfile="$FLWR_HOME/run.log" rid
   local args=(run "$ROOT" "$conn" --stream "$@")
   [[ -n "$overrides" ]] && args+=(--run-config "$overrides")
   set +e
   flwr "${args[@]}" 2>&1 | tee "$logfile" | grep --line-buffered -v -E '^\s*$' | grep --line-buffered -v -E 'WARNING .*(deprecat|Deprecat)'
   set -e
-  rid="$(grep -oE 'run [0-9]+' "$logfile" | head -1 | grep -oE '[0-9]+' || true)"
-  [[ -n "$rid" ]] || die "flwr run did not start a run (see $logfile)"
-  status="$(run_status "$conn" "$rid")"
-  if [[ "$status" != "finished:completed" ]]; then
-    die "run $rid ended with status '$status' (log: $logfile)"
-  fi
-  log "run $rid completed"
+  rid="$(run_id "$logfile")" || exit 2
+  finish_run "$conn" "$rid" "$logfile"
+}
+
+# run_id LOGFILE: the id of the run that `flwr run` started, from its output (dies without one)
+run_id() {
+  local rid
+  rid="$(grep -oE 'run [0-9]+' "$1" | head -1 | grep -oE '[0-9]+' || true)"
+  [[ -n "$rid" ]] || die "flwr run did not start a run (see $1)"
+  printf '%s\n' "$rid"
 }
 
 # run_status CONNECTION RUN_ID: the run's status as Flower reports it (e.g. finished:completed)
 run_status() {
   flwr list "$1" --run-id "$2" --format json 2>/dev/null |
     "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["runs"][0]["status"])' 2>/dev/null || echo unknown
+}
+
+# finish_run CONNECTION RUN_ID LOGFILE [SHOW_LOG]: succeed if the run completed, else die with its
+# status (SHOW_LOG=1: after printing Flower's full log of the run, which nothing has shown yet)
+finish_run() {
+  local conn="$1" rid="$2" logfile="$3" show="${4:-0}" status
+  status="$(run_status "$conn" "$rid")"
+  if [[ "$status" != "finished:completed" ]]; then
+    if [[ "$show" -eq 1 ]]; then
+      log "Flower's log of run $rid:"
+      flwr log "$rid" "$conn" --show >&2 2>&1 || true
+    fi
+    die "run $rid ended with status '$status' (log: $logfile)"
+  fi
+  log "run $rid completed"
 }
 
 # flwr_follow CONNECTION OVERRIDES PORT SUPERLINK_PID [extra flwr args...]: quiet simulations. Submit
@@ -223,8 +241,7 @@ flwr_follow() {
     cat "$logfile" >&2
     die "flwr run could not submit the run (log: $logfile)"
   fi
-  rid="$(grep -oE 'run [0-9]+' "$logfile" | head -1 | grep -oE '[0-9]+' || true)"
-  [[ -n "$rid" ]] || { cat "$logfile" >&2; die "flwr run did not start a run (see $logfile)"; }
+  rid="$(run_id "$logfile")" || { cat "$logfile" >&2; exit 2; }
   # --pid: tail ends with this script even if it is killed before it stops the follower itself
   (tail --pid=$$ -n +1 -s 0.2 -F "$progress" 2>/dev/null | tee -a "$logfile" | grep --line-buffered -v -E '^\s*$') 2>/dev/null &
   local tailer=$!
@@ -245,13 +262,7 @@ flwr_follow() {
   sleep 1  # the last lines reach the terminal (tail polls every 0.2 s)
   pkill -P "$tailer" 2>/dev/null || true
   wait "$tailer" 2>/dev/null || true
-  status="$(run_status "$conn" "$rid")"
-  if [[ "$status" != "finished:completed" ]]; then
-    log "Flower's log of run $rid:"
-    flwr log "$rid" "$conn" --show >&2 2>&1 || true
-    die "run $rid ended with status '$status' (log: $logfile)"
-  fi
-  log "run $rid completed"
+  finish_run "$conn" "$rid" "$logfile" 1
 }
 
 # quiet_env OVERRIDES: unless the run config says verbose=true, silence what means nothing to a

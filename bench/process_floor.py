@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{kind:22}{row['processes']:>6}{row['pss-mb']:>12.0f}{row['rss-mb']:>12.0f}{row['uss-mb']:>12.0f}"
                 f"{'' if row['processes'] == 1 else f'{extra:.0f}':>11}"
             )
+    # not bench.memory.environment(): it imports torch here, and the parent's torch pages would then
+    # be shared with (and lower) the children's PSS
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     doc = {
         "benchmark": "process_floor",

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.zoo import MODEL_NAMES
+
 __all__ = [
     "MODEL_NAMES",
     "BlockModel",
@@ -367,8 +369,6 @@ _BUILDERS: dict[str, Callable[[int, float], BlockModel]] = {
     "vit-d4": lambda n, w: build_vit(n, w, depth=4, arch="vit-d4"),
     "vit-d12": lambda n, w: build_vit(n, w, depth=12, layers_per_block=3, arch="vit-d12"),
 }
-
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_model(name: str, num_classes: int = 10, width: float = 1.0, seed: int | None = None) -> BlockModel:

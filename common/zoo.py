@@ -3,8 +3,8 @@
 ``common.config`` (and through it ``run.sh``'s preflight, which runs before anything starts) needs
 each model's number of blocks (SmartFreeze/ProFL stages) and FedLL layers to check ``num-rounds``;
 building the model for that would import torch (about 5 s and 480 MB in a process that exits at
-once). :mod:`common.models` builds exactly these names, and ``tests/test_models.py`` checks that
-every built model has the blocks and layers listed here.
+once). :mod:`common.models` takes :data:`MODEL_NAMES` from here, and ``tests/test_models.py`` checks
+that it builds exactly these models, with the blocks and layers listed here.
 """
 
 from __future__ import annotations
