@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from flwr.common.config import flatten_dict, parse_config_args
+from flwr.common.config import flatten_dict
 
 from common.config import ConfigError, parse_run_config
 
@@ -31,6 +32,38 @@ def app_defaults(project_dir: Path) -> dict[str, Any]:
     """The ``[tool.flwr.app.config]`` table of the project's pyproject.toml, flattened."""
     with open(project_dir / "pyproject.toml", "rb") as f:
         return flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+"""One ``key=value`` pair of a ``--run-config`` string: the pattern Flower's own parser uses."""
+
+
+def parse_overrides(run_config: list[str]) -> dict[str, Any]:
+    """``--run-config`` strings -> one flat dict; a key given more than once takes its last value.
+
+    Flower's ``parse_config_args`` reads each string as one TOML document, so a key repeated
+    inside one string fails the whole config with a message that names no key; here every pair
+    is parsed on its own (the same pair pattern, the same TOML value syntax), so a repeated key
+    resolves left to right across and within strings, and a bad value is reported with its key
+    (an unquoted string gets the hint to quote it).
+    """
+    merged: dict[str, Any] = {}
+    for text in run_config:
+        if text.strip().endswith(".toml"):
+            raise ConfigError(f"--run-config {text!r}: TOML files are not supported here; pass key=value pairs")
+        pairs = PAIR.findall(text)
+        leftover = PAIR.sub("", text).strip()
+        if leftover:
+            raise ConfigError(f"cannot parse --run-config {text!r}: {leftover!r} is not a key=value pair")
+        for key, raw in pairs:
+            try:
+                merged[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                hint = f" (a string must be quoted: {key}='{raw}')" if raw[:1] not in "'\"" else ""
+                raise ConfigError(f"--run-config key {key!r}: cannot read value {raw!r}{hint}") from None
+            if isinstance(merged[key], dict | list):
+                raise ConfigError(f"--run-config key {key!r}: value {raw!r} must be a bool, int, float or string")
+    return merged
 
 
 def toml_value(value: Any) -> str:
@@ -47,10 +80,7 @@ def toml_value(value: Any) -> str:
 def preflight(project_dir: Path, run_config: list[str], cwd: Path, output_dir: Path | None) -> dict[str, Any]:
     """Fuse, check and normalise overrides; return the overrides to pass to Flower."""
     defaults = app_defaults(project_dir)
-    try:
-        overrides = parse_config_args(run_config)
-    except Exception as exc:  # click.ClickException or tomli errors: bad syntax
-        raise ConfigError(f"cannot parse --run-config {run_config!r}: {exc}") from None
+    overrides = parse_overrides(run_config)
     unknown = [k for k in overrides if k not in defaults]
     if unknown:
         hints = [

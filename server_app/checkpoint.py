@@ -300,7 +300,7 @@ def resume_overrides(run_dir: Path, extra: list[str]) -> dict[str, Any]:
     leak in), then ``resume=true``, the folder's name and parent as run-name and output-dir, and
     ``stop-after-round=0``; ``extra`` (``k=v`` strings) may change only :data:`RESUME_EXEMPT_KEYS`.
     """
-    from flwr.common.config import parse_config_args
+    from common.preflight import parse_overrides
 
     run_dir = Path(run_dir).expanduser().resolve()
     checkpoint = load_checkpoint(run_dir, arrays=False)
@@ -311,10 +311,7 @@ def resume_overrides(run_dir: Path, extra: list[str]) -> dict[str, Any]:
         "output-dir": str(run_dir.parent),
         "stop-after-round": 0,
     }
-    try:
-        given = parse_config_args(extra)
-    except Exception as exc:  # click/tomli errors: bad syntax
-        raise ConfigError(f"cannot parse --run-config {extra!r}: {exc}") from None
+    given = parse_overrides(extra)
     changed = [k for k, v in given.items() if k not in RESUME_EXEMPT_KEYS and not _same(v, overrides.get(k))]
     if changed:
         details = "; ".join(f"{k}={given[k]!r} (checkpoint: {overrides.get(k)!r})" for k in changed)
