@@ -232,7 +232,7 @@ def test_every_strategy_runs_and_compare_writes_the_table(tmp_path: Path) -> Non
     for row in table["rows"]:
         assert row["final-accuracy"] is not None, row
         assert row["bytes-moved"] > 0 or row["participation-rate"] == 0, row  # nobody fits: nothing sent
-        assert (tmp_path / "runs" / row["entry"] / "metrics.csv").is_file()
-        assert (tmp_path / "runs" / row["entry"] / "report.html").is_file()
+        assert (tmp_path / "runs" / row["entry"] / "seed-0" / "metrics.csv").is_file()
+        assert (tmp_path / "runs" / row["entry"] / "seed-0" / "report.html").is_file()
     assert (tmp_path / "comparison.md").read_text().count("\n|") >= len(STRATEGY_NAMES) + 1
     assert (tmp_path / "accuracy.png").stat().st_size > 0
