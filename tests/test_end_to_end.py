@@ -229,8 +229,9 @@ def test_every_strategy_runs_and_compare_writes_the_table(tmp_path: Path) -> Non
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = json.loads((tmp_path / "comparison.json").read_text())
     assert [r["entry"] for r in table["rows"]] == list(STRATEGY_NAMES)
-    for row in table["rows"]:
-        assert row["final-accuracy"] is not None, row
+    assert table["seeds"] == [0] and list(table["runs"]) == list(STRATEGY_NAMES)
+    for (row,) in table["runs"].values():
+        assert row["seed"] == 0 and row["final-accuracy"] is not None, row
         assert row["bytes-moved"] > 0 or row["participation-rate"] == 0, row  # nobody fits: nothing sent
         assert (tmp_path / "runs" / row["entry"] / "seed-0" / "metrics.csv").is_file()
         assert (tmp_path / "runs" / row["entry"] / "seed-0" / "report.html").is_file()
