@@ -93,6 +93,7 @@ class RunConfig(BaseModel):
     run_name: str = Field("", description="output folder name; empty = <strategy>-<model>-<timestamp>")
     output_dir: str = Field("", description="absolute results root; empty = $PROGFL_OUTPUT_DIR or ./outputs")
     client_threads: int = Field(1, ge=1, description="torch threads per client process")
+    server_threads: int = Field(0, ge=0, description="torch threads of the ServerApp (0 = torch's default: all cores)")
     device_profile: DeviceProfile = Field("none", description="simulated memory/speed profile, or 'measured'")
     device_min_fraction: float = Field(0.3, gt=0, le=1, description="smallest budget, share of full-model memory")
     device_memory_mb: str = Field("", description="device-profile='list': comma-separated budgets in MB")

@@ -37,6 +37,10 @@ def _run(grid: Grid, context: Context) -> None:
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(logging.INFO if cfg.verbose else logging.WARNING)
+    if cfg.server_threads:
+        from common.training import set_torch_threads
+
+        set_torch_threads(cfg.server_threads)
     dataset = load_dataset(cfg.data_spec())
     run_dir = resolve_run_dir(cfg)
     checkpoint = None
