@@ -12,7 +12,7 @@ from bench.trace_diff import diff_traces, load_metrics, main
 
 def _doc(ids: list[list[int]], acc: list[float], froze: int | None = None, communities=None) -> dict:
     rounds = [
-        {"round": k + 1, "participant-ids": p, "server-accuracy": a, "stage": 1, "froze-block": froze if k == 1 else None}
+        {"round": k + 1, "participant-ids": p, "server-accuracy": a, "froze-block": froze if k == 1 else None}
         for k, (p, a) in enumerate(zip(ids, acc, strict=True))
     ]
     return {"rounds": rounds, "summary": {"final-accuracy": acc[-1], "communities": communities or [[0, 1]]}}
