@@ -532,8 +532,12 @@ class FedAvgStrategy(Strategy):
                 continue
             m = reply.content[P.METRICS]
             if float(m[P.NUM_EXAMPLES]) > 0:
-                rows.append((float(m[P.EVAL_LOSS]), float(m[P.EVAL_ACCURACY]), float(m[P.NUM_EXAMPLES])))
-                self.on_evaluate_reply(int(m[P.PARTITION_ID]), float(m[P.EVAL_ACCURACY]))
+                pid = int(m[P.PARTITION_ID])
+                rows.append((pid, float(m[P.EVAL_LOSS]), float(m[P.EVAL_ACCURACY]), float(m[P.NUM_EXAMPLES])))
+        rows.sort()  # partition-id order, not arrival order: the float sums below are the same in every run
+        for pid, _, accuracy, _ in rows:
+            self.on_evaluate_reply(pid, accuracy)
+        rows = [r[1:] for r in rows]
         if not rows:
             return None
         total = sum(r[2] for r in rows)
