@@ -53,9 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.compare_table import aggregate, headline, markdown, plot, smoothed_final, summarise
+from bench.compare_table import markdown, plot
 from common.config import ConfigError
 from common.preflight import parse_overrides, toml_value
+from common.results import aggregate, headline, smoothed_final, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "../shared/data/cifar10_small.npz"

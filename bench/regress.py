@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare import ROOT, SCENARIOS, run_config, run_entry
-from bench.compare_table import summarise
+from common.results import summarise
 
 ENTRIES: dict[str, str] = {
     "smartfreeze": "strategy='smartfreeze'",

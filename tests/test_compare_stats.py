@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from bench.compare_stats import paired_difference, spread, t_quantile_975
-from bench.compare_table import aggregate, headline, markdown, mean_curve, summarise
+from bench.compare_table import markdown
+from common.results import aggregate, headline, mean_curve, summarise
+from common.seedstats import paired_difference, spread, t_quantile_975
 
 
 def test_spread_is_mean_and_sample_std() -> None:

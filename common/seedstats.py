@@ -1,4 +1,4 @@
-"""Spread across seeds and paired differences: the statistics of ``bench compare --seeds N``.
+"""Spread across seeds and paired differences: the statistics of ``bench compare --seeds N`` and the report.
 
 Pure functions (no Flower, no torch), unit-tested in ``tests/test_compare_stats.py``.
 
