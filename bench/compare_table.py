@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.results import HEADLINE, SMOOTH, mean_curve
-from common.seedstats import PairedDifference, Spread
+from common.results import HEADLINE, SMOOTH, difference_line, mean_curve
+from common.seedstats import Spread
 
 
 def _fmt(value: Any, pct: bool = False, digits: int = 1) -> str:
@@ -41,19 +41,6 @@ def _points(value: float | None, base: float | None) -> str:
     if value is None or base is None:
         return "—"
     return f"{100 * (value - base):+.1f}"
-
-
-def difference_line(what: str, d: PairedDifference) -> str:
-    """``+1.9 ± 0.4 points (95 % CI [+0.9, +2.9]; per seed +1.6, +2.3, +1.8): significant`` and the like."""
-    per_seed = ", ".join(f"{100 * x:+.1f}" for x in d.differences)
-    if d.std is None:
-        return f"{what}: {100 * d.mean:+.1f} points (one seed: no spread, no significance)"
-    lo, hi = d.ci95 or (0.0, 0.0)
-    verdict = "significant at 95 %" if d.significant else "**not significant** (the interval contains 0)"
-    return (
-        f"{what}: {100 * d.mean:+.1f} ± {100 * d.std:.1f} points (mean ± std of the {d.n} paired differences; "
-        f"95 % CI [{100 * lo:+.1f}, {100 * hi:+.1f}], t = {d.t:.2f}; per seed {per_seed}): {verdict}"
-    )
 
 
 def markdown(

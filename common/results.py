@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from common.seedstats import paired_difference, spread
+from common.seedstats import PairedDifference, paired_difference, spread
 
 SMOOTH = 5
 """Rounds in the moving average of test accuracy used for targets, time-to-accuracy and the headline."""
@@ -148,3 +148,16 @@ def mean_curve(docs: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[float
         std.append(s.std or 0.0)
         sim.append(sum(t for _, t in by_round[k]) / len(by_round[k]))
     return rounds, sim, mean, std
+
+
+def difference_line(what: str, d: PairedDifference) -> str:
+    """``+1.9 ± 0.4 points (95 % CI [+0.9, +2.9]; per seed +1.6, +2.3, +1.8): significant`` and the like."""
+    per_seed = ", ".join(f"{100 * x:+.1f}" for x in d.differences)
+    if d.std is None:
+        return f"{what}: {100 * d.mean:+.1f} points (one seed: no spread, no significance)"
+    lo, hi = d.ci95 or (0.0, 0.0)
+    verdict = "significant at 95 %" if d.significant else "**not significant** (the interval contains 0)"
+    return (
+        f"{what}: {100 * d.mean:+.1f} ± {100 * d.std:.1f} points (mean ± std of the {d.n} paired differences; "
+        f"95 % CI [{100 * lo:+.1f}, {100 * hi:+.1f}], t = {d.t:.2f}; per seed {per_seed}): {verdict}"
+    )

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server_app.report import COMPARISON_PANELS, PANELS, load_run, main, write_comparison, write_report
+from server_app.report import PANELS, load_run, main, write_report
+from server_app.report_compare import COMPARISON_PANELS, write_comparison
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -213,6 +214,26 @@ def test_comparison_of_two_runs(tmp_path: Path) -> None:
     assert 'class="panel-error"' not in html
     assert "x/run" in html and "y/run" in html  # same folder names get distinct labels
     assert "smartfreeze" in html and "fedavg" in html
+
+
+def test_comparison_groups_runs_that_differ_only_in_their_seed(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for label, strategy, shift in (("sf", "smartfreeze", 0.05), ("small", "allsmall", 0.0)):
+        for seed in (0, 1, 2):
+            run_dir = make_run(runs / label, f"seed-{seed}", strategy=strategy)
+            doc = json.loads((run_dir / "metrics.json").read_text())
+            doc["config"]["seed"] = seed
+            for row in doc["rounds"]:
+                row["server-accuracy"] += shift + 0.01 * seed * (1 if strategy == "smartfreeze" else 2)
+            (run_dir / "metrics.json").write_text(json.dumps(doc))
+    assert main([str(runs), "--out", str(tmp_path / "seeds.html")]) == 0  # folders found recursively
+    html = (tmp_path / "seeds.html").read_text()
+    assert "<h2>Seeds</h2>" in html and "6 runs" in html
+    # sf: last-5 mean of 0.1 + 0.08 r (r = 4..8) + 0.05 + 0.01 s -> 63.0 / 64.0 / 65.0
+    assert "63.0, 64.0, 65.0" in html and "64.0 ± 1.0" in html
+    assert "sf minus small (best other memory-constrained group)" in html and "+4.0 ± 1.0 points" in html
+    single = write_comparison([runs / "sf" / "seed-0", runs / "small" / "seed-0"], tmp_path / "one.html")
+    assert "No two runs differ only in their seed" in single.read_text()
 
 
 def test_cli_one_run_several_runs_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
