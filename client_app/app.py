@@ -160,10 +160,13 @@ def _build(
         return _build_fedll(cfg, num_classes, width, fedll_layer, config, arrays, context)
     depth = int(config.get(P.DEPTH, 0))
     if depth > 0:
-        from common.depthfl import client_module
+        from common.depthfl import client_module, consistency_weight
 
         module = client_module(cfg.model, num_classes, width, depth)
         load_numpy(module, arrays, strict=True)
+        if P.ROUND in config:  # training: the round sets the distillation ramp
+            ramp = cfg.depthfl_ramp_share
+            module.distill_weight = consistency_weight(int(config[P.ROUND]), cfg.num_rounds, ramp)
         return module, None
     shrink = int(config.get(P.SHRINK, -1))
     if shrink >= 0:  # ProFL shrinking step: basic layers + real block `shrink`, all trained

@@ -121,6 +121,9 @@ class RunConfig(BaseModel):
     profl_movement_threshold: float = Field(
         0.6, gt=0, le=1, description="ProFL: freeze only once the smoothed effective movement is <= this"
     )
+    depthfl_ramp_share: float = Field(
+        0.3, ge=0, le=1, description="DepthFL: share of the rounds over which distillation ramps up (0 = no ramp)"
+    )
     fedll_rounds_per_layer: int = Field(2, ge=1, description="FedLL: rounds per layer (the last layer runs the rest)")
     fedll_dropout: float = Field(
         0.2, ge=0, lt=1, description="FedLL: depth dropout, probability of skipping a shape-preserving frozen layer"

@@ -24,10 +24,11 @@ Training loss (:meth:`DepthFLModel.training_loss`)
     the logarithm (the reference's guard, not renormalised); the terms of all classifiers are
     summed (not averaged). With one classifier the loss is plain cross-entropy. The reference
     ramps the weight ``w`` (``consistency_weight``) as ``exp(-5 (1 - min(r, 300) / 300)^2)`` over
-    the first 300 of its 1000 rounds; here ``w`` is constant (:data:`DISTILL_WEIGHT` = 1, the
-    ramp's final value, which is the paper's Eq. as written): the client builds its module from
-    (model, classes, width, depth) only and is not told the round, and runs here last tens of
-    rounds, not a thousand.
+    the first 300 of its 1000 rounds; :func:`consistency_weight` does the same over the first
+    ``depthfl-ramp-share`` of the run's rounds (default 0.3, the reference's 300 / 1000; runs here
+    last tens of rounds, not a thousand), from the round every training message carries;
+    ``depthfl-ramp-share=0`` keeps the ramp's final value :data:`DISTILL_WEIGHT` = 1 throughout
+    (the paper's Eq. as written, and this project's behaviour before the fidelity audit).
 
 Prediction
     In eval mode the forward returns the ensemble of the classifiers as logits: the log of the
@@ -68,6 +69,8 @@ DISTILL_TEMPERATURE = 1.0
 """Softmax temperature T of the self-distillation (the reference's ``KLLoss``: T = 1)."""
 DISTILL_WEIGHT = 1.0
 """Weight of the self-distillation term (the reference's ramp-up ends at 1; see the module docstring)."""
+RAMP_SHARE = 0.3
+"""Default share of the rounds over which the distillation weight ramps up (the reference: 300 of 1000)."""
 TEACHER_EPS = 1e-7
 """Added to the teacher's probabilities before the logarithm, as the reference's ``KLLoss``."""
 
@@ -78,6 +81,7 @@ __all__ = [
     "build_depthfl",
     "choose_depth",
     "client_module",
+    "consistency_weight",
     "depth_prefixes",
     "distillation_loss",
     "ensemble_logits",
@@ -85,6 +89,20 @@ __all__ = [
     "required_mb",
     "select_depth_arrays",
 ]
+
+
+def consistency_weight(server_round: int, num_rounds: int, share: float = RAMP_SHARE) -> float:
+    """Distillation weight of round ``server_round`` (1-based): ``exp(-5 (1 - min(r - 1, R) / R)^2)``.
+
+    ``R = share x num_rounds`` (at least 1).
+    The reference's sigmoid-shaped ramp-up (``consistency_weight`` in Flower's DepthFL baseline),
+    with its 300-of-1000-round length scaled to the run; ``share = 0`` means no ramp (weight 1).
+    """
+    if share <= 0:
+        return DISTILL_WEIGHT
+    ramp = max(1.0, share * num_rounds)
+    phase = 1.0 - min(max(server_round - 1, 0), ramp) / ramp
+    return DISTILL_WEIGHT * math.exp(-5.0 * phase * phase)
 
 
 def ensemble_logits(outputs: Sequence[torch.Tensor]) -> torch.Tensor:

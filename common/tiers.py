@@ -43,12 +43,16 @@ def tier_probabilities(accuracies: Sequence[float | None], credits: Sequence[int
     """TiFL's adaptive tier probabilities: ranked by accuracy, the least accurate tier most likely.
 
     Tier with rank j (0 = lowest accuracy) of n eligible tiers gets weight n - j (Algorithm 2);
-    tiers without accuracy yet count as lowest; tiers with no credits left get 0.
+    tiers without accuracy yet count as lowest; tiers with no credits left get 0. Before any tier
+    has an accuracy, every eligible tier is equally likely (Algorithm 2's initialisation).
     """
     n = len(accuracies)
     eligible = [i for i in range(n) if credits[i] > 0]
     probs = np.zeros(n)
     if not eligible:
+        return probs
+    if all(accuracies[i] is None for i in eligible):
+        probs[eligible] = 1.0 / len(eligible)
         return probs
     ranked = sorted(eligible, key=lambda i: (-1.0 if accuracies[i] is None else accuracies[i], i))
     for rank, i in enumerate(ranked):

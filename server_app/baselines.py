@@ -156,7 +156,17 @@ class TiFLStrategy(FedAvgStrategy):
     def on_start(self, grid: Grid) -> None:
         """Tiers from the completion times of the nodes that fit the full model."""
         fit = self.eligible(0)
-        self.tiers = assign_tiers({pid: self.completion_time(pid) for pid in fit}, self.cfg.tifl_tiers)
+        k = max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(self.nodes)))
+        num_tiers = max(1, min(self.cfg.tifl_tiers, len(fit) // k))  # every tier holds a round's worth
+        if num_tiers < self.cfg.tifl_tiers:
+            log.warning(
+                "tifl: %d nodes fit the model and %d train per round: %d tier(s) instead of tifl-tiers=%d",
+                len(fit),
+                k,
+                num_tiers,
+                self.cfg.tifl_tiers,
+            )
+        self.tiers = assign_tiers({pid: self.completion_time(pid) for pid in fit}, num_tiers)
         share = math.ceil(self.cfg.num_rounds / max(1, len(self.tiers)))
         self.credits = [2 * share] * len(self.tiers)
         self.recorder.set_summary(**{"tifl-tiers": self.tiers})

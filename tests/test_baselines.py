@@ -71,6 +71,7 @@ def test_tiers_and_tifl_probabilities() -> None:
     p = tier_probabilities([0.8, 0.2, None], [1, 1, 1])
     assert p[2] > p[1] > p[0] and p.sum() == pytest.approx(1.0)  # unseen, then least accurate first
     assert tier_probabilities([0.1, 0.9], [0, 3]).tolist() == [0.0, 1.0]  # no credits left
+    assert tier_probabilities([None, None, None], [1, 0, 2]).tolist() == [0.5, 0.0, 0.5]  # uniform start
     with pytest.raises(ValueError, match="tifl-tiers must be >= 1"):
         assign_tiers({0: 1.0}, 0)
 
@@ -86,3 +87,16 @@ def test_allsmall_falls_back_to_the_narrowest_width_when_nothing_fits(tmp_path: 
     s.on_start(None)  # type: ignore[arg-type]
     assert s.width == 0.5 * min(WIDTH_LADDER)
     assert s.sample(1) == []  # nobody fits even that: nobody is sent a model over budget
+
+
+def test_tifl_tiers_each_hold_a_rounds_worth_of_clients(tmp_path: Path) -> None:
+    probe = make(TiFLStrategy, tmp_path, [1.0])
+    need = probe.required_mb()
+    budgets = [need * 2] * 6 + [need * 0.1] * 34  # 6 of 40 fit; fraction-train 0.25 wants 10 per round
+    s = make(TiFLStrategy, tmp_path, budgets, **{"fraction-train": 0.25, "tifl-tiers": 5})
+    s.on_start(None)  # type: ignore[arg-type]
+    assert len(s.tiers) == 1 and sorted(s.tiers[0]) == list(range(6))
+    assert s.sample(1) == list(range(6))
+    many = make(TiFLStrategy, tmp_path, [need * 2] * 40, **{"fraction-train": 0.1, "tifl-tiers": 5})
+    many.on_start(None)  # type: ignore[arg-type]
+    assert [len(t) for t in many.tiers] == [8] * 5 and len(many.sample(1)) == 4

@@ -249,3 +249,14 @@ def test_client_builds_each_depth_and_the_round_trip_updates_the_global_model(tm
 def test_depthfl_is_registered() -> None:
     assert STRATEGIES["depthfl"] is DepthFLStrategy
     assert parse_run_config({"strategy": "depthfl"}).strategy == "depthfl"
+
+
+def test_distillation_weight_ramps_up_over_the_share_of_rounds() -> None:
+    from common.depthfl import consistency_weight
+
+    assert consistency_weight(1, 60) == pytest.approx(math.exp(-5))  # the reference's start
+    assert consistency_weight(10, 60) == pytest.approx(math.exp(-5 * (1 - 9 / 18) ** 2))
+    assert consistency_weight(19, 60) == 1.0 and consistency_weight(60, 60) == 1.0
+    assert consistency_weight(1, 60, share=0.0) == 1.0  # no ramp
+    weights = [consistency_weight(r, 60) for r in range(1, 61)]
+    assert weights == sorted(weights)
