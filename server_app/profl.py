@@ -16,7 +16,9 @@ classifier ``basic.head.*``. Per round:
   ends, the basic layers after k and the classifier are copied into output module k (the head
   after step B-1), :func:`common.profl.outmod_from_basic`.
 * Growing stage k: exactly SmartFreeze's stage k (frozen prefix sent once per node, block k and
-  output module k trained and returned), without warm start between output modules.
+  output module k trained and returned). After shrinking, output module k is shrinking's tail (no
+  warm start between output modules); with ``profl-shrinking=false`` output module k starts from
+  module k-1's as in SmartFreeze when ``outmod-warm-start=true`` (the default).
 
 After every aggregation the pace controller observes block k's trainable parameters with the
 effective-movement metric and the level ``profl-movement-threshold`` (``RunConfig.profl_pace_config``).
@@ -53,7 +55,7 @@ from common.profl import (
 from common.stages import StageMachine
 from common.training import load_numpy, state_to_numpy
 from server_app.outputs import RunRecorder, atomic_write_bytes
-from server_app.smartfreeze import SmartFreezeStrategy
+from server_app.smartfreeze import SmartFreezeStrategy, warm_start_arrays
 from server_app.strategy import FedAvgStrategy, log
 
 
@@ -203,6 +205,10 @@ class ProFLStrategy(SmartFreezeStrategy):
         if reason is not None:
             if step.phase == "shrinking":
                 self.arrays.update(outmod_from_basic(self.arrays, step.block, self.model.num_blocks))
+            elif not self.cfg.profl_shrinking and self.cfg.outmod_warm_start:
+                # growing only (ablation): SmartFreeze's warm start, so that the ablation differs
+                # from SmartFreeze in the freezing rule and the selector, not in the output modules
+                self.arrays.update(warm_start_arrays(self.arrays, self.step.block, self.model.num_blocks))
             self.freezes.append(
                 {
                     "round": server_round,

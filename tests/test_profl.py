@@ -316,3 +316,17 @@ def test_fair_share_splits_the_rounds_left_and_steps_end_by_it(tmp_path: Path) -
     assert lengths == [3, 3, 2, 2, 2, 2]  # ceil(14/6), ceil(11/5), ceil(8/4), ceil(6/3), ceil(4/2), the rest
     assert [h.reason for h in s.machine.history] == ["share"] * 5 + ["end"]
     assert s.undeclared_attrs() == []
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_growing_only_ablation_warm_starts_output_modules_like_smartfreeze(tmp_path: Path, warm: bool) -> None:
+    over = {"num-rounds": 3, "min-stage-rounds": 1, "max-stage-rounds": 1, "profl-shrinking": False}
+    s = make(tmp_path, [1e9] * 2, **over, **{"outmod-warm-start": warm})
+    fresh = {k: v.copy() for k, v in s.arrays.items() if k.startswith("outmod.1.classifier.")}
+    run_round(s, 1)  # stage 1 ends after its one round: output module 2 is prepared
+    for key, before in fresh.items():
+        trained = s.arrays[key.replace("outmod.1.", "outmod.0.")]
+        if warm:
+            np.testing.assert_array_equal(s.arrays[key], trained)
+        else:
+            np.testing.assert_array_equal(s.arrays[key], before)
