@@ -55,7 +55,7 @@ from typing import Any
 
 from bench.compare_table import markdown, plot
 from common.config import ConfigError
-from common.preflight import parse_overrides, toml_value
+from common.preflight import app_defaults, parse_overrides, toml_value
 from common.results import aggregate, headline, smoothed_final, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +127,11 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+LOCATION_KEYS = ("run-name", "output-dir")
+"""Config keys that say where a run lives, not what it computes."""
+MISSING = object()
+
+
 def parse_entry(entry: str) -> tuple[str, str]:
     """``LABEL`` or ``LABEL=OVERRIDES`` -> (label, overrides including the strategy)."""
     label, _, overrides = entry.partition("=")
@@ -159,8 +164,11 @@ def run_config(scenario: Scenario, overrides: str, extra: str, seed: int, run_di
 def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The run's metrics.json if it finished every round with ``config`` (else None).
 
-    ``run-name`` and ``output-dir`` say where a run lives, not what it computed: a finished run
-    moved into ``run_dir`` from elsewhere counts.
+    The whole resolved config must match: the pyproject defaults with ``config`` on top, key by
+    key, so a run made before a default changed or a key was added is not taken for one of
+    today's. ``run-name`` and ``output-dir`` say where a run lives, not what it computed: a
+    finished run moved into ``run_dir`` from elsewhere counts. The code itself is not compared:
+    after a change that moves results, run with ``--rerun``.
     """
     path = run_dir / "metrics.json"
     try:
@@ -168,9 +176,10 @@ def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     saved = doc.get("config") or {}
+    full = {**app_defaults(ROOT), **config}
     done = {r.get("round") for r in doc.get("rounds", [])}
-    same = all(saved.get(k) == v for k, v in config.items() if k not in ("run-name", "output-dir"))
-    return doc if same and doc.get("summary") and int(config.get("num-rounds", 0)) in done else None
+    same = all(saved.get(k, MISSING) == v for k, v in full.items() if k not in LOCATION_KEYS)
+    return doc if same and doc.get("summary") and int(full.get("num-rounds", 0)) in done else None
 
 
 def run_entry(scenario: Scenario, label: str, config: dict[str, Any], run_dir: Path, rerun: bool) -> dict[str, Any]:

@@ -73,3 +73,23 @@ def test_repeated_keys_and_rounds_resolve_last_one_wins(tmp_path: Path) -> None:
     assert config["dirichlet-alpha"] == 0.1 and config["output-dir"] == str(tmp_path)
     fused = effective_config("a=1 b='x'", "a=2", "b='y' a=3")
     assert fused == {"a": 3, "b": "y"} and config_string(fused) == 'a=3 b="y"'
+
+
+def test_a_finished_run_is_reused_only_with_the_same_resolved_config(tmp_path: Path) -> None:
+    import json
+
+    from bench.compare import finished
+
+    run_dir = tmp_path / "runs" / "sf" / "seed-0"
+    config = run_config(SCENARIOS["smoke"], "strategy='smartfreeze'", "", 0, run_dir)
+    saved = {**app_defaults(ROOT), **config, "run-name": "elsewhere", "output-dir": "/moved/from"}
+    run_dir.mkdir(parents=True)
+    doc = {"config": saved, "summary": {"final-accuracy": 0.3}, "rounds": [{"round": r} for r in range(7)]}
+    (run_dir / "metrics.json").write_text(json.dumps(doc))
+    assert finished(run_dir, config) is not None  # moved runs count
+    assert finished(run_dir, {**config, "lr": 0.1}) is None  # another config
+    older = {k: v for k, v in saved.items() if k != "server-threads"}  # a run from before a key existed
+    (run_dir / "metrics.json").write_text(json.dumps({**doc, "config": older}))
+    assert finished(run_dir, config) is None
+    (run_dir / "metrics.json").write_text(json.dumps({**doc, "rounds": doc["rounds"][:3]}))
+    assert finished(run_dir, config) is None  # unfinished
