@@ -105,6 +105,15 @@ SCENARIOS: dict[str, Scenario] = {
         ("smartfreeze", "depthfl", "profl", "fedavg"),
         "CIFAR-10 small, 20 clients, 10 per round, IID, ResNet10 w0.25, no memory limit",
     ),
+    "paper": Scenario(
+        100,
+        "dataset='npz' data-path='../shared/data/cifar10_small.npz' model='vgg11bn' width=1.0 "
+        "partition='iid' device-profile='low-contention' fraction-train=0.2 fraction-evaluate=0.05 num-rounds=200",
+        ("smartfreeze", "allsmall", "heterofl", "depthfl", "exclusivefl", "profl", "fedavg"),
+        "paper scale (SmartFreeze Sec. V, VGG11-BN row): VGG11-BN width 1, 100 clients, 20 per round, IID, "
+        "low-contention memory, 200 rounds; on 2 CPU cores run it at reduced length (--rounds 20, ~10 min per "
+        "entry); point --data-path at the full CIFAR-10 as .npz for the paper's data",
+    ),
     "faults": Scenario(
         20,
         f"{CIFAR} partition='iid' fraction-train=0.5 num-rounds=20",

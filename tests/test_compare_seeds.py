@@ -93,3 +93,17 @@ def test_a_finished_run_is_reused_only_with_the_same_resolved_config(tmp_path: P
     assert finished(run_dir, config) is None
     (run_dir / "metrics.json").write_text(json.dumps({**doc, "rounds": doc["rounds"][:3]}))
     assert finished(run_dir, config) is None  # unfinished
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_scenario_entry_is_a_valid_config(name: str, small_npz: Path, tmp_path: Path) -> None:
+    from bench.compare import parse_entry
+
+    scenario = SCENARIOS[name]
+    data = f"data-path='{small_npz}'" if "data-path" in scenario.config else ""
+    rounds = " num-rounds=20" if name == "paper" else ""  # the reduced length its description gives
+    for entry in scenario.entries:
+        _, overrides = parse_entry(entry)
+        for extra in (data, data + rounds):
+            config = run_config(scenario, overrides, extra, 0, tmp_path / "seed-0")
+            parse_run_config({**app_defaults(ROOT), **config})
