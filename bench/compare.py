@@ -170,14 +170,16 @@ def run_config(scenario: Scenario, overrides: str, extra: str, seed: int, run_di
     return config
 
 
-def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+def finished(run_dir: Path, config: dict[str, Any], strict: bool = True) -> dict[str, Any] | None:
     """The run's metrics.json if it finished every round with ``config`` (else None).
 
-    The whole resolved config must match: the pyproject defaults with ``config`` on top, key by
-    key, so a run made before a default changed or a key was added is not taken for one of
-    today's. ``run-name`` and ``output-dir`` say where a run lives, not what it computed: a
-    finished run moved into ``run_dir`` from elsewhere counts. The code itself is not compared:
-    after a change that moves results, run with ``--rerun``.
+    ``strict`` (what a comparison uses to skip a run): the whole resolved config must match, the
+    pyproject defaults with ``config`` on top, key by key, so a run made before a default changed
+    or a key was added is not taken for one of today's. Not strict (``--summarise-only``): only
+    the keys the scenario, the entry and the command set must match; whoever rebuilds a table
+    from older runs vouches that the code they ran is comparable. ``run-name`` and ``output-dir``
+    say where a run lives, not what it computed: a finished run moved into ``run_dir`` counts.
+    The code itself is never compared: after a change that moves results, run with ``--rerun``.
     """
     path = run_dir / "metrics.json"
     try:
@@ -185,10 +187,10 @@ def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     saved = doc.get("config") or {}
-    full = {**app_defaults(ROOT), **config}
+    want = {**app_defaults(ROOT), **config} if strict else config
     done = {r.get("round") for r in doc.get("rounds", [])}
-    same = all(saved.get(k, MISSING) == v for k, v in full.items() if k not in LOCATION_KEYS)
-    return doc if same and doc.get("summary") and int(full.get("num-rounds", 0)) in done else None
+    same = all(saved.get(k, MISSING) == v for k, v in want.items() if k not in LOCATION_KEYS)
+    return doc if same and doc.get("summary") and int(saved.get("num-rounds", -1)) in done else None
 
 
 def run_entry(scenario: Scenario, label: str, config: dict[str, Any], run_dir: Path, rerun: bool) -> dict[str, Any]:
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / "runs" / label / f"seed-{seed}"
             config = run_config(scenario, overrides, extra, seed, run_dir)
             if args.summarise_only:
-                doc = finished(run_dir, config)
+                doc = finished(run_dir, config, strict=False)
                 if doc is None:
                     print(
                         f"error: no finished run of {label!r} seed {seed} with this config in {run_dir}",

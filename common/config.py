@@ -124,7 +124,9 @@ class RunConfig(BaseModel):
     depthfl_ramp_share: float = Field(
         0.3, ge=0, le=1, description="DepthFL: share of the rounds over which distillation ramps up (0 = no ramp)"
     )
-    fedll_rounds_per_layer: int = Field(2, ge=1, description="FedLL: rounds per layer (the last layer runs the rest)")
+    fedll_rounds_per_layer: int = Field(
+        0, ge=0, description="FedLL: rounds per layer, the last runs the rest (0 = num-rounds split evenly)"
+    )
     fedll_dropout: float = Field(
         0.2, ge=0, lt=1, description="FedLL: depth dropout, probability of skipping a shape-preserving frozen layer"
     )
@@ -163,8 +165,8 @@ class RunConfig(BaseModel):
                 raise ValueError(
                     f"num-rounds={self.num_rounds} is too few for strategy 'fedll': model {self.model!r} has "
                     f"{layers} layers, each trained for at least one round; use num-rounds >= {layers} "
-                    f"(>= {layers * self.fedll_rounds_per_layer} to give every layer "
-                    f"fedll-rounds-per-layer={self.fedll_rounds_per_layer})"
+                    f"(>= {layers * self.fedll_layer_rounds()} to give every layer "
+                    f"fedll-rounds-per-layer={self.fedll_layer_rounds()})"
                 )
         if self.resume and not self.run_name:
             raise ValueError("resume=true needs run-name (the folder of the run to continue, under output-dir)")
@@ -189,6 +191,12 @@ class RunConfig(BaseModel):
             min_partition_size=self.min_partition_size,
             val_fraction=self.val_fraction,
         )
+
+    def fedll_layer_rounds(self) -> int:
+        """FedLL's rounds per layer: ``fedll-rounds-per-layer``, or with 0 ``num-rounds // layers`` (at least 1)."""
+        if self.fedll_rounds_per_layer:
+            return self.fedll_rounds_per_layer
+        return max(1, self.num_rounds // FEDLL_LAYERS[self.model])
 
     def pace_config(self) -> PaceConfig:
         """The pace controller's settings (pace-* keys)."""

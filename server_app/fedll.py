@@ -13,7 +13,8 @@ layer k with its head; layers 0..k-1 are frozen, later layers are not used. Per 
 3. Replies carry layer k and its head only; they are averaged (FedAvg) into the state.
 4. The server evaluates the stage sub-model (frozen layers + layer k + head) on the test set.
 
-Schedule: a fixed ``fedll-rounds-per-layer`` rounds per layer, then the next layer
+Schedule: a fixed ``fedll-rounds-per-layer`` rounds per layer (default 0: ``num-rounds`` split
+evenly over the layers, :meth:`RunConfig.fedll_layer_rounds`), then the next layer
 (:class:`common.stages.StageMachine` with ``max_rounds`` = that and no convergence signal). The
 last layer, trained with the model's own head, runs all remaining rounds; if the budget is short,
 later layers get one round each (the machine's budget rule), so every run ends with the full
@@ -70,7 +71,7 @@ class FedLLStrategy(FedAvgStrategy):
             num_blocks=len(self.layers),
             total_rounds=cfg.num_rounds,
             min_rounds=1,
-            max_rounds=cfg.fedll_rounds_per_layer,
+            max_rounds=cfg.fedll_layer_rounds(),
         )
         self.frozen_held: dict[int, set[int]] = {}
         self.frozen_flops = 0.0

@@ -264,3 +264,17 @@ def test_modelled_memory_of_a_vit_stage_within_15_percent(layer: int) -> None:
 def test_every_model_has_a_fedll_stage_memory() -> None:
     for name in MODEL_NAMES:
         assert required_mb(name, 10, 0.25, num_layers(name) - 1, 8) > 0
+
+
+def test_default_schedule_splits_the_rounds_evenly_over_the_layers(tmp_path: Path) -> None:
+    cfg = parse_run_config({"strategy": "fedll", "model": "resnet10", "num-rounds": 62})
+    assert cfg.fedll_rounds_per_layer == 0 and cfg.fedll_layer_rounds() == 15  # 4 layers
+    assert (
+        parse_run_config({"strategy": "fedll", "num-rounds": 62, "fedll-rounds-per-layer": 5}).fedll_layer_rounds() == 5
+    )
+    s = _strategy(tmp_path, [1e6], **{"num-rounds": 7})  # smallcnn: 3 layers -> 2, 2, the rest
+    stages = []
+    for rnd in range(1, 8):
+        stages.append(s.layer + 1)
+        s.end_round(rnd)
+    assert stages == [1, 1, 2, 2, 3, 3, 3]
