@@ -85,6 +85,7 @@ __all__ = [
     "depth_prefixes",
     "distillation_loss",
     "ensemble_logits",
+    "exit_accuracies",
     "holder_counts",
     "required_mb",
     "select_depth_arrays",
@@ -189,6 +190,23 @@ class DepthFLModel(nn.Module):
         if isinstance(outputs, torch.Tensor):
             outputs = [outputs]
         return distillation_loss(outputs, targets, self.distill_weight, self.temperature)
+
+
+@torch.no_grad()
+def exit_accuracies(net: DepthFLModel, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[float]:
+    """Test accuracy of every classifier on its own, shallowest first (the reference's ``accuracy_single``).
+
+    A diagnostic beside the ensemble's accuracy: an ensemble below its best single exit says the
+    other exits pull it down (e.g. exits trained by few, skewed clients).
+    """
+    was_training = net.training
+    net.eval()
+    hits = [0] * len(net.blocks)
+    for i in range(0, len(y), batch_size):
+        for k, logits in enumerate(net.exits(x[i : i + batch_size])):
+            hits[k] += int((logits.argmax(1) == y[i : i + batch_size]).sum())
+    net.train(was_training)
+    return [h / max(1, len(y)) for h in hits]
 
 
 def build_depthfl(

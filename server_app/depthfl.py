@@ -11,8 +11,10 @@ Per round the server sends every sampled node the arrays of its prefix and class
 depth and width to build); replies carry the same arrays, and each array is averaged over the
 nodes that hold it, weighted by example count; arrays nobody trained keep their value. The
 ``block-counts`` column records how many nodes held each block (``classifier-counts``: each
-classifier, the head last). What the server evaluates, what nodes evaluate and what ``model.pt``
-holds is the full-depth model, predicting with the ensemble of all B classifiers.
+classifier, the head last); ``exit-accuracies`` the test accuracy of each classifier on its own
+(shallowest first), beside the ensemble's ``server-accuracy``. What the server evaluates, what
+nodes evaluate and what ``model.pt`` holds is the full-depth model, predicting with the ensemble
+of all B classifiers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from common.depthfl import (
     build_depthfl,
     choose_depth,
     client_module,
+    exit_accuracies,
     holder_counts,
     required_mb,
     select_depth_arrays,
@@ -161,4 +164,10 @@ class DepthFLStrategy(FedAvgStrategy):
         }
         if depths:
             row["mean-depth"] = float(np.mean(depths))
+        from common.data import held_out_set
+
+        x, y = held_out_set(self.cfg.data_spec())
+        row["exit-accuracies"] = ",".join(
+            f"{a:.4f}" for a in exit_accuracies(self.server_model(), x, y, self.cfg.eval_batch_size)
+        )
         return row

@@ -237,7 +237,10 @@ def test_client_builds_each_depth_and_the_round_trip_updates_the_global_model(tm
     s._round_succeeded = [0, 1, 2]
     before = {k: v.copy() for k, v in s.arrays.items()}
     s.apply_updates(1, updates)
-    assert s.end_round(1) == {"block-counts": "3,2,1", "classifier-counts": "3,2,1", "mean-depth": 2.0}
+    row = s.end_round(1)
+    exits = [float(a) for a in row.pop("exit-accuracies").split(",")]
+    assert row == {"block-counts": "3,2,1", "classifier-counts": "3,2,1", "mean-depth": 2.0}
+    assert len(exits) == 3 and all(0.0 <= a <= 1.0 for a in exits)
     assert all(not np.array_equal(s.arrays[k], before[k]) for k in before if k.endswith("weight"))
     eval_arrays, eval_config = s.eval_payload(1)
     module, _ = _build(cfg, 10, ConfigRecord(eval_config), eval_arrays, None)  # the full-depth global model
@@ -260,3 +263,16 @@ def test_distillation_weight_ramps_up_over_the_share_of_rounds() -> None:
     assert consistency_weight(1, 60, share=0.0) == 1.0  # no ramp
     weights = [consistency_weight(r, 60) for r in range(1, 61)]
     assert weights == sorted(weights)
+
+
+def test_exit_accuracies_score_each_classifier_on_its_own() -> None:
+    from common.depthfl import build_depthfl, exit_accuracies
+
+    net, _ = build_depthfl("smallcnn", 10, 0.25, 3, seed=0)
+    x, y = torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))
+    net.eval()
+    with torch.no_grad():
+        expected = [float((z.argmax(1) == y).float().mean()) for z in net.exits(x)]
+    net.train()
+    assert exit_accuracies(net, x, y, batch_size=7) == pytest.approx(expected)
+    assert net.training  # mode restored
