@@ -39,7 +39,7 @@ from common.heterofl import (
     submodel_shapes,
 )
 from common.models import BlockModel, build_model
-from common.training import state_to_numpy
+from common.training import evaluate, load_numpy, state_to_numpy
 from server_app.outputs import RunRecorder
 from server_app.strategy import FedAvgStrategy, log
 
@@ -49,7 +49,8 @@ class HeteroFLStrategy(FedAvgStrategy):
 
     name = "heterofl"
     enforces_budget = True
-    transient_attrs = ("_rate_mb", "_payloads", "_skeletons")  # caches; the rates follow from the budgets
+    # caches; the rates follow from the budgets
+    transient_attrs = ("_rate_mb", "_payloads", "_skeletons", "_submodels")
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, num_classes: int) -> None:
         super().__init__(cfg, recorder, num_classes)
@@ -58,6 +59,7 @@ class HeteroFLStrategy(FedAvgStrategy):
         self._rate_mb: dict[float, float] = {}
         self._payloads: dict[float, dict[str, np.ndarray]] = {}
         self._skeletons: dict[float, BlockModel] = {}
+        self._submodels: dict[float, BlockModel] = {}
 
     # ------------------------------------------------------------------ rates and resources
     def rate_required_mb(self, rate: float) -> float:
@@ -140,8 +142,29 @@ class HeteroFLStrategy(FedAvgStrategy):
         """The full-width global model, built by the node with static BN."""
         return self.arrays, {P.STATIC_BN: True}
 
+    def rate_accuracy(self, rate: float) -> float:
+        """Test accuracy of the global model's rate-``rate`` sub-model (its leading channels, static BN)."""
+        from common.data import held_out_set
+
+        if rate not in self._submodels:
+            self._submodels[rate] = build_heterofl_model(self.cfg.model, self.num_classes, self.cfg.width * rate)
+        sub = self._submodels[rate]
+        shapes = submodel_shapes(self.cfg.model, self.num_classes, self.cfg.width * rate)
+        load_numpy(sub, slice_arrays(self.arrays, shapes))
+        x, y = held_out_set(self.cfg.data_spec())
+        return evaluate(sub, x, y, self.cfg.eval_batch_size)[1]
+
     def end_round(self, server_round: int) -> dict[str, float | int | str | bool | None]:
-        """Mean rate of the nodes sampled in this round (1 = full width)."""
+        """Mean rate of the nodes sampled in this round (1 = full width); accuracy of every narrower rate in use.
+
+        ``rate-accuracies`` (``"0.5:0.3120,0.25:0.3605"``): the test accuracy of each sub-model a node
+        trains, narrower than the global model: whether the wide channels, held by few nodes, add
+        to or take from the core that most nodes train.
+        """
         rates = [self.rate_of(pid) for pid in self._round_participants]
         known = [r for r in rates if r is not None]
-        return {"mean-rate": float(np.mean(known))} if known else {}
+        row: dict[str, float | int | str | bool | None] = {"mean-rate": float(np.mean(known))} if known else {}
+        in_use = sorted({r for r in (self.rate_of(pid) for pid in self.nodes) if r is not None and r < 1}, reverse=True)
+        if in_use:
+            row["rate-accuracies"] = ",".join(f"{r:g}:{self.rate_accuracy(r):.4f}" for r in in_use)
+        return row

@@ -197,3 +197,20 @@ def test_apply_updates_changes_only_the_entries_trained(tmp_path: Path) -> None:
 def test_heterofl_is_registered() -> None:
     assert STRATEGIES["heterofl"] is HeteroFLStrategy
     assert parse_run_config({"strategy": "heterofl"}).strategy == "heterofl"
+
+
+def test_end_round_scores_every_narrower_rate_in_use(tmp_path: Path) -> None:
+    from common.data import held_out_set
+    from common.training import evaluate, load_numpy
+
+    probe = make(tmp_path, [])
+    s = make(tmp_path, [float("inf"), probe.rate_required_mb(0.5) + 0.01, probe.rate_required_mb(0.25)])
+    s._round_participants = [0, 1]
+    row = s.end_round(1)
+    assert row["mean-rate"] == 0.75
+    rates = dict(part.split(":") for part in str(row["rate-accuracies"]).split(","))
+    assert list(rates) == ["0.5", "0.25"]  # rates held by some node, narrower than the global model
+    sub = build_heterofl_model(s.cfg.model, 10, s.cfg.width * 0.25)
+    load_numpy(sub, slice_arrays(s.arrays, submodel_shapes(s.cfg.model, 10, s.cfg.width * 0.25)))
+    x, y = held_out_set(s.cfg.data_spec())
+    assert float(rates["0.25"]) == pytest.approx(evaluate(sub, x, y, 256)[1], abs=1e-4)
