@@ -280,11 +280,14 @@ quiet_env() {
   fi
 }
 
+PREFLIGHT_ARGS=()
 preflight() {
-  # prints the validated, normalised overrides; exits 2 with a clear message on bad config
-  local args=(-m common.preflight --project "$ROOT" --output-dir "$OUTPUTS")
+  # prints the validated, normalised overrides; exits 2 with a clear message on bad config, data or
+  # partition plan (PREFLIGHT_ARGS: --num-partitions N, --cpus-per-client C for those checks)
+  local args=(-m common.preflight --project "$ROOT" --output-dir "$OUTPUTS" "${PREFLIGHT_ARGS[@]+"${PREFLIGHT_ARGS[@]}"}")
   local rc
   for rc in "$@"; do args+=(--run-config "$rc"); done
+  [[ "${PROGFL_DEBUG:-}" == 1 ]] && args+=(--debug)
   "$PY" "${args[@]}"
 }
 
@@ -304,6 +307,7 @@ cmd_run() {
   [[ "$supernodes" =~ ^[1-9][0-9]*$ ]] || die "--supernodes must be a positive integer, got '$supernodes'"
   [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-client must be a positive integer, got '$cpus'"
   local overrides
+  PREFLIGHT_ARGS=(--num-partitions "$supernodes" --cpus-per-client "$cpus")
   overrides="$(preflight "${rcs[@]+"${rcs[@]}"}")" || exit 2
   quiet_env "$overrides"
   [[ -n "${RAY_ADDRESS:-}" ]] && log "clients run on the Ray cluster at $RAY_ADDRESS"
@@ -341,6 +345,7 @@ cmd_deploy_local() {
   done
   [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
   local overrides
+  PREFLIGHT_ARGS=(--num-partitions "$nodes")
   overrides="$(preflight "${rcs[@]+"${rcs[@]}"}")" || exit 2
   mkdir -p "$OUTPUTS"
   new_session

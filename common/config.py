@@ -72,6 +72,9 @@ class RunConfig(BaseModel):
     download: bool = False
     synthetic_train_size: int = Field(6000, ge=10)
     synthetic_test_size: int = Field(1000, ge=10)
+    num_classes: int = Field(
+        0, ge=0, description="classes of the dataset; 0 = the labels 0..C-1 found in the data, without gaps"
+    )
     partition: PartitionName = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     min_partition_size: int = Field(10, ge=1)
@@ -190,6 +193,7 @@ class RunConfig(BaseModel):
             dirichlet_alpha=self.dirichlet_alpha,
             min_partition_size=self.min_partition_size,
             val_fraction=self.val_fraction,
+            num_classes=self.num_classes,
         )
 
     def fedll_layer_rounds(self) -> int:

@@ -27,3 +27,5 @@ class DataSpec:
     dirichlet_alpha: float = 0.5
     min_partition_size: int = 10
     val_fraction: float = 0.1
+    num_classes: int = 0
+    """0: the labels 0..C-1 found in the data (contiguous); C > 0: C classes, every label below C."""

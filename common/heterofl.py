@@ -10,7 +10,7 @@ Learning for Heterogeneous Clients" (ICLR 2021) and its public code
   the server sends ``w[0:s0, 0:s1, ...]`` of every global array ``w`` (:func:`slice_arrays`), the
   shapes ``s`` being those of the project's own model built at width ``configured width x r``
   (:func:`submodel_shapes`). Input channels (3) and the classes stay whole. The project scales
-  channels with :func:`common.models.scaled` (``max(1, round(C * width))``), which is monotone in
+  channels with :func:`common.zoo.scaled` (``max(1, round(C * width))``), which is monotone in
   the width, so the sub-model's shapes never exceed the global ones on any dimension (checked for
   every model in the tests); the original code's ``ceil(C_global * r)`` can differ from it by one
   channel, never in a way that breaks the nesting, so the project's builder is used as is and the

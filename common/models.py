@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.zoo import MODEL_NAMES
+from common.zoo import MODEL_NAMES, scaled
 
 __all__ = [
     "MODEL_NAMES",
@@ -85,11 +85,6 @@ class BlockModel(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
-
-
-def scaled(channels: int, width: float) -> int:
-    """Channel count ``channels`` scaled by the width multiplier (at least 1)."""
-    return max(1, int(round(channels * width)))
 
 
 def _classifier(in_features: int, num_classes: int) -> nn.Sequential:

@@ -8,7 +8,10 @@ pyproject defaults exactly as Flower does, then
 * makes path values (``data-path``, ``data-dir``, ``output-dir``) absolute, relative to the
   caller's working directory, because the ServerApp and the clients run elsewhere,
 
-and prints the override string to hand to ``flwr run --run-config``. Exit code 2 on bad input.
+and, given the client count (``--num-partitions``) and ``--cpus-per-client``, checks the data
+file, the partition plan, the width and the CPUs (:mod:`common.runcheck`). It prints the override
+string to hand to ``flwr run --run-config``. Exit code 2 on bad input, with one message and no
+traceback (``--debug`` shows it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import difflib
 import re
 import sys
 import tomllib
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +81,19 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-def preflight(project_dir: Path, run_config: list[str], cwd: Path, output_dir: Path | None) -> dict[str, Any]:
-    """Fuse, check and normalise overrides; return the overrides to pass to Flower."""
+def preflight(
+    project_dir: Path,
+    run_config: list[str],
+    cwd: Path,
+    output_dir: Path | None,
+    num_partitions: int | None = None,
+    cpus_per_client: float | None = None,
+) -> dict[str, Any]:
+    """Fuse, check and normalise overrides; return the overrides to pass to Flower.
+
+    With ``num_partitions`` (the simulated clients or local SuperNodes) the data file and the
+    partition plan are checked too, and with ``cpus_per_client`` the CPUs (:mod:`common.runcheck`).
+    """
     defaults = app_defaults(project_dir)
     overrides = parse_overrides(run_config)
     unknown = [k for k in overrides if k not in defaults]
@@ -94,7 +109,11 @@ def preflight(project_dir: Path, run_config: list[str], cwd: Path, output_dir: P
         value = overrides.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             overrides[key] = str((cwd / Path(value).expanduser()).resolve())
-    parse_run_config({**defaults, **overrides})
+    cfg = parse_run_config({**defaults, **overrides})
+    if num_partitions is not None or cpus_per_client is not None:
+        from common.runcheck import check_run
+
+        check_run(cfg, num_partitions, cpus_per_client)
     return overrides
 
 
@@ -104,10 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--output-dir", type=Path, default=None, help="default output-dir if not overridden")
     parser.add_argument("--run-config", action="append", default=[], help="key=value pairs, as for flwr run")
+    parser.add_argument("--num-partitions", type=int, default=None, help="check data and partition plan for N clients")
+    parser.add_argument("--cpus-per-client", type=float, default=None, help="check against this machine's CPUs")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     args = parser.parse_args(argv)
     try:
-        overrides = preflight(args.project, args.run_config, Path.cwd(), args.output_dir)
-    except ConfigError as exc:
+        overrides = preflight(
+            args.project, args.run_config, Path.cwd(), args.output_dir, args.num_partitions, args.cpus_per_client
+        )
+    except ValueError as exc:  # ConfigError, DataError: the message names the key or file
+        if args.debug or any(PAIR.search(rc) and "verbose=true" in rc.split() for rc in args.run_config):
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(" ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()))

@@ -37,4 +37,15 @@ FEDLL_LAYERS: dict[str, int] = {
 }
 """Model name -> number of FedLL layers (``common.fedll.num_layers``)."""
 
+MODEL_BASE_CHANNELS: dict[str, int] = {name: 32 if name == "smallcnn" else 64 for name in MODEL_BLOCKS}
+"""Model name -> channels of its narrowest layer at width 1 (the first conv; the ViT's head dim)."""
+
+MIN_CHANNELS = 4
+"""Fewest channels the narrowest layer may have: below it a model trains at chance (``width`` too small)."""
+
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_BLOCKS)
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count ``channels`` scaled by the width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))

@@ -49,7 +49,7 @@ def test_npz_errors_name_the_problem(tmp_path: Path) -> None:
         load_npz(bad)
     with pytest.raises(ValueError, match="x_train must be uint8"):
         load_npz(_write_npz(tmp_path / "f.npz", x_train=np.zeros((60, 8, 8, 3), np.float32)))
-    with pytest.raises(ValueError, match="y_train must be 60 non-negative integer labels"):
+    with pytest.raises(ValueError, match="y_train has negative labels"):
         load_npz(_write_npz(tmp_path / "l.npz", y_train=-np.ones(60, np.int64)))
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file")
