@@ -136,8 +136,8 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-LOCATION_KEYS = ("run-name", "output-dir")
-"""Config keys that say where a run lives, not what it computes."""
+LOCATION_KEYS = ("run-name", "output-dir", "overwrite", "verbose")
+"""Config keys that say where a run lives or how it talks, not what it computes."""
 MISSING = object()
 
 
@@ -204,7 +204,7 @@ def run_entry(scenario: Scenario, label: str, config: dict[str, Any], run_dir: P
         "--supernodes",
         str(scenario.supernodes),
         "--run-config",
-        config_string(config),
+        config_string({**config, "overwrite": True}),  # what the folder holds is not a finished run of this config
     ]
     print(f"[compare] {label} seed {config['seed']}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
     t0 = time.monotonic()

@@ -135,6 +135,7 @@ class RunConfig(BaseModel):
     )
     verbose: bool = False
     resume: bool = Field(False, description="continue run-name from its last checkpoint (same config)")
+    overwrite: bool = Field(False, description="replace the results of an earlier run in the same folder")
     stop_after_round: int = Field(0, ge=0, description="testing: fail the ServerApp after this round (0 = never)")
 
     @model_validator(mode="after")

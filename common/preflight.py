@@ -110,6 +110,10 @@ def preflight(
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             overrides[key] = str((cwd / Path(value).expanduser()).resolve())
     cfg = parse_run_config({**defaults, **overrides})
+    if cfg.run_name:  # a named folder: refuse one a live run owns, or earlier results unless asked
+        from common.runfolder import check_run_folder, run_folder
+
+        check_run_folder(run_folder(cfg.output_dir, cfg.run_name, cfg.strategy, cfg.model), cfg.resume, cfg.overwrite)
     if num_partitions is not None or cpus_per_client is not None:
         from common.runcheck import check_run
 

@@ -9,7 +9,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config
 from common.data import load_dataset
-from server_app.checkpoint import check_resume, checkpoint_path, load_checkpoint
+from common.runfolder import RunLock, clear_outputs, refuse_results, trained_rounds, write_status
+from server_app.checkpoint import check_resume, load_checkpoint
 from server_app.outputs import RunRecorder, resolve_run_dir
 from server_app.progress import tee_output
 from server_app.registry import build_strategy
@@ -43,18 +44,28 @@ def _run(grid: Grid, context: Context) -> None:
         set_torch_threads(cfg.server_threads)
     dataset = load_dataset(cfg.data_spec())
     run_dir = resolve_run_dir(cfg)
-    checkpoint = None
-    if cfg.resume:  # validated before anything in the run folder is touched
-        checkpoint = load_checkpoint(run_dir)
-        check_resume(checkpoint, cfg)
-        print(f"[progfl] resuming {run_dir} after round {checkpoint.round}", flush=True)
-    elif checkpoint_path(run_dir).is_file():  # a fresh run replaces every output of an earlier one
-        log.warning("%s: removing the checkpoint of an earlier run (resume=true would continue it)", run_dir)
-        checkpoint_path(run_dir).unlink()
-    recorder = RunRecorder(cfg, run_dir)
-    print(f"[progfl] run folder: {run_dir}", flush=True)
-    strategy = build_strategy(cfg, recorder, dataset.num_classes)
-    strategy.start(grid, checkpoint=checkpoint)
+    with RunLock(run_dir) as lock:  # one writer per run folder (common.runfolder)
+        if lock.took_over:
+            print(f"[progfl] {run_dir}: took over the lock of PID {lock.took_over}, which is no longer running")
+        checkpoint = None
+        if cfg.resume:  # validated before anything in the run folder is touched
+            checkpoint = load_checkpoint(run_dir)
+            check_resume(checkpoint, cfg)
+            print(f"[progfl] resuming {run_dir} after round {checkpoint.round}", flush=True)
+        else:
+            refuse_results(run_dir, cfg.overwrite)
+            if cfg.overwrite and (removed := clear_outputs(run_dir)):
+                print(f"[progfl] overwrite=true: removed {', '.join(removed)} of an earlier run in {run_dir}")
+        recorder = RunRecorder(cfg, run_dir)
+        print(f"[progfl] run folder: {run_dir}", flush=True)
+        strategy = build_strategy(cfg, recorder, dataset.num_classes)
+        try:
+            strategy.start(grid, checkpoint=checkpoint)
+        except BaseException as exc:
+            done = trained_rounds(run_dir)
+            write_status(run_dir, "failed", reason=f"{type(exc).__name__}: {exc}", **{"rounds-completed": done})
+            raise
+        write_status(run_dir, "finished", **{"rounds-completed": trained_rounds(run_dir)})
     s = recorder.summary
     print(
         f"[progfl] done: final accuracy {100 * s['final-accuracy']:.2f}% (best {100 * s['best-accuracy']:.2f}%), "

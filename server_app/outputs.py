@@ -20,20 +20,14 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
+from common.runfolder import OUTPUT_ENV, run_folder
 
-OUTPUT_ENV = "PROGFL_OUTPUT_DIR"
+__all__ = ["OUTPUT_ENV", "RunRecorder", "atomic_write_bytes", "resolve_run_dir"]
 
 
 def resolve_run_dir(cfg: RunConfig, now: float | None = None) -> Path:
-    """``<output-dir>/<run-name>``: output-dir from config, else $PROGFL_OUTPUT_DIR, else ./outputs.
-
-    An empty run-name becomes ``<strategy>-<model>-<YYYYmmdd-HHMMSS>``.
-    """
-    root = Path(cfg.output_dir or os.environ.get(OUTPUT_ENV) or Path.cwd() / "outputs").expanduser()
-    name = cfg.run_name or f"{cfg.strategy}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
-    if "/" in name or name in (".", ".."):
-        raise ValueError(f"run-name {name!r} must be a plain folder name")
-    return root.resolve() / name
+    """``<output-dir>/<run-name>`` (:func:`common.runfolder.run_folder`)."""
+    return run_folder(cfg.output_dir, cfg.run_name, cfg.strategy, cfg.model, now)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
