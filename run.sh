@@ -30,7 +30,7 @@ usage() {
 Usage: ./run.sh [command] [options]
 
 Commands:
-  run [--run-config "k=v ..."] [--supernodes N] [--cpus-per-client C] [--ray-address HOST:PORT]
+  run [--run-config "k=v ..."] [--overwrite] [--supernodes N] [--cpus-per-client C] [--ray-address HOST:PORT]
                       federated run in simulation (default command; default job: FedAvg,
                       ResNet10 width 0.25, synthetic data, 10 simulated clients, 5 rounds);
                       --ray-address (or env RAY_ADDRESS) runs the clients on an existing Ray
@@ -42,7 +42,7 @@ Commands:
                       node-wait-seconds, round-timeout
   test [pytest args]  run the test suite (all tests, including end-to-end runs)
   test-fast           unit tests only (-m "not slow")
-  deploy-local [--nodes N] [--run-config "k=v ..."]
+  deploy-local [--nodes N] [--run-config "k=v ..."] [--overwrite]
                       one federated run over the network on localhost: a SuperLink and
                       N SuperNodes (default 2), started and stopped by this script
   deploy superlink [--host H] [--port P] [--certs DIR | --insecure] [--auth-keys KEY.pub|DIR ...]
@@ -296,12 +296,13 @@ cmd_run() {
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --run-config) rcs+=("$2"); shift 2 ;;
+      --overwrite) rcs+=("overwrite=true"); shift ;;
       --supernodes) supernodes="$2"; shift 2 ;;
       --cpus-per-client) cpus="$2"; shift 2 ;;
       --ray-address)
         [[ -n "${2:-}" ]] || die "--ray-address needs the address of a running Ray cluster's head, e.g. 10.0.0.5:6379"
         export RAY_ADDRESS="$2"; shift 2 ;;
-      *) die "run: unknown option '$1' (valid: --run-config, --supernodes, --cpus-per-client, --ray-address)" ;;
+      *) die "run: unknown option '$1' (valid: --run-config, --overwrite, --supernodes, --cpus-per-client, --ray-address)" ;;
     esac
   done
   [[ "$supernodes" =~ ^[1-9][0-9]*$ ]] || die "--supernodes must be a positive integer, got '$supernodes'"
@@ -339,8 +340,9 @@ cmd_deploy_local() {
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --run-config) rcs+=("$2"); shift 2 ;;
+      --overwrite) rcs+=("overwrite=true"); shift ;;
       --nodes) nodes="$2"; shift 2 ;;
-      *) die "deploy-local: unknown option '$1' (valid: --run-config, --nodes)" ;;
+      *) die "deploy-local: unknown option '$1' (valid: --run-config, --overwrite, --nodes)" ;;
     esac
   done
   [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
