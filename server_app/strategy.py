@@ -42,6 +42,7 @@ from common.memory import stage_memory
 from common.models import BlockModel, build_model
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app import checkpoint as ckpt
+from server_app.failures import group_failures
 from server_app.outputs import RunRecorder
 from server_app.validation import check_arrays, check_num_examples, norm_outliers, update_norm
 
@@ -183,10 +184,11 @@ class FedAvgStrategy(Strategy):
         new = [nid for nid in node_ids if nid not in known]
         if not new:
             return
+        failed: list[tuple[int | str, str]] = []
         for reply in self._query_all(grid, new):
             src = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %s did not answer the query: %s", src, reply.error.reason)
+                failed.append((src, reply.error.reason))
                 continue
             m = reply.content[P.METRICS]
             pid = int(m[P.PARTITION_ID])
@@ -200,9 +202,14 @@ class FedAvgStrategy(Strategy):
                 continue
             self.nodes[pid] = NodeInfo(src, pid, int(m[P.NUM_EXAMPLES]))
             self.nodes[pid].update(dict(m))
+        causes = group_failures(failed)
+        for line in causes:
+            log.warning("start-up query failed on %s", line)
         if first and len(self.nodes) < self.cfg.min_available_nodes:
+            why = f"; the others failed: {causes[0]}" + (f" (and {len(causes) - 1} other causes)" if causes[1:] else "")
             raise RuntimeError(
-                f"{len(self.nodes)} nodes answered the query; min-available-nodes={self.cfg.min_available_nodes}"
+                f"{len(self.nodes)} nodes answered the start-up query, min-available-nodes="
+                f"{self.cfg.min_available_nodes}" + (why if causes else "")
             )
 
     def _query_all(self, grid: Grid, node_ids: list[int]) -> list[Message]:
@@ -405,18 +412,19 @@ class FedAvgStrategy(Strategy):
         succeeded: set[int] = set()
         candidates: dict[int, tuple[dict[str, np.ndarray], dict]] = {}
         self._round_rejections = []
+        errors: list[tuple[int | str, str]] = []
         for reply in replies:
             node = by_node.get(reply.metadata.src_node_id)
             if node is None:
                 if reply.has_error():  # the SuperLink answers for a node that is gone, under its own id
-                    log.warning("round %d: a node failed: %s", server_round, reply.error.reason)
+                    errors.append((f"node {reply.metadata.src_node_id}", reply.error.reason))
                 else:
                     log.warning(
                         "round %d: reply from unknown node %s ignored", server_round, reply.metadata.src_node_id
                     )
                 continue
             if reply.has_error():
-                log.warning("round %d: node %s failed: %s", server_round, node.partition_id, reply.error.reason)
+                errors.append((node.partition_id, reply.error.reason))
                 continue
             pid = node.partition_id
             if pid not in self._sent:
@@ -438,6 +446,8 @@ class FedAvgStrategy(Strategy):
                 self.reject(server_round, pid, reason)
                 continue
             candidates[pid] = (arrays, m)
+        for line in group_failures(errors):  # one line per cause, however many nodes share it
+            log.warning("round %d: training failed on %s", server_round, line)
         norms = {pid: update_norm(arrays, self._sent[pid]) for pid, (arrays, _) in candidates.items()}
         if self.cfg.reject_norm_factor > 0:
             for pid, reason in norm_outliers(norms, self.cfg.reject_norm_factor).items():
