@@ -118,26 +118,79 @@ new_session() {
   ln -sfn "$FLWR_HOME" "$FLWR_BASE/last"
 }
 
-cleanup() {
-  local pid
-  for pid in "${STARTED_PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
+# descendants PID: every live process below PID (children first, recursively), one per line. Flower's
+# SuperExec and Ray start their own sessions and process groups, so killing a process group misses
+# them; the parent links do not.
+descendants() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do
+    descendants "$child"
+    echo "$child"
   done
-  for pid in "${STARTED_PIDS[@]}"; do
-    for _ in $(seq 1 50); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.2
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-    fi
-    # whatever is left in the process group (simulation, superexec, Ray) goes too
-    kill -TERM -- "-$pid" 2>/dev/null || true
+}
+
+# stop_tree GRACE: SIGTERM every process below this script (and below what it started), wait up to
+# GRACE seconds, then SIGKILL what is left (Ray's DashboardAgent and RuntimeEnvAgent ignore SIGTERM)
+stop_tree() {
+  local grace="${1:-5}" pids=() pid
+  # shellcheck disable=SC2207
+  pids=($(descendants $$))
+  for pid in "${STARTED_PIDS[@]+"${STARTED_PIDS[@]}"}"; do
+    # shellcheck disable=SC2207
+    pids+=($(descendants "$pid") "$pid")
   done
+  [[ ${#pids[@]} -gt 0 ]] || return 0
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 1 $((grace * 5))); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && { alive=1; break; }; done
+    [[ "$alive" -eq 0 ]] && break
+    sleep 0.2
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
   STARTED_PIDS=()
 }
+
+cleanup() {
+  stop_tree 10
+}
+
+# on_interrupt: Ctrl-C, SIGINT or SIGTERM. Stop the run (every process below this script; Flower's
+# `flwr stop` where the SuperLink is not ours), mark the run folder interrupted and print one line:
+# how to resume. A second interrupt while stopping kills everything at once.
+INTERRUPTED=0
+RUN_ID=""
+RUN_CONN=""
+on_interrupt() {
+  if [[ "$INTERRUPTED" -eq 1 ]]; then
+    stop_tree 0
+    exit 130
+  fi
+  INTERRUPTED=1
+  if [[ -n "$RUN_ID" && ${#STARTED_PIDS[@]} -eq 0 ]]; then
+    # a SuperLink this script did not start (deploy run): ask it to stop the run
+    timeout 3 flwr stop "$RUN_ID" "$RUN_CONN" >/dev/null 2>&1 || true
+  fi
+  stop_tree 3
+  local folder
+  folder="$(run_folder_of_session)"
+  if [[ -n "$folder" && -d "$folder" ]]; then
+    "$PY" -m common.runfolder interrupted "$folder" >&2 || true
+  fi
+  exit 130
+}
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap on_interrupt INT TERM
+
+# run_folder_of_session: the run folder the ServerApp of this invocation reported ("run folder: ...")
+run_folder_of_session() {
+  local f
+  for f in "${PROGFL_PROGRESS_FILE:-}" "$FLWR_HOME/run.log"; do
+    [[ -n "$f" && -f "$f" ]] || continue
+    grep -m1 -oE '\[progfl\] run folder: .*' "$f" 2>/dev/null | sed 's/^\[progfl\] run folder: //' && return 0
+  done
+  return 0
+}
 
 # start_bg LOGFILE CMD...: start CMD in its own session (process group = its PID), remember the PID
 start_bg() {
@@ -189,8 +242,16 @@ flwr_run() {
   local logfile="$FLWR_HOME/run.log" rid
   local args=(run "$ROOT" "$conn" --stream "$@")
   [[ -n "$overrides" ]] && args+=(--run-config "$overrides")
+  RUN_CONN="$conn"
   set +e
-  flwr "${args[@]}" 2>&1 | tee "$logfile" | grep --line-buffered -v -E '^\s*$' | grep --line-buffered -v -E 'WARNING .*(deprecat|Deprecat)'
+  # in the background and waited for: an interrupt's trap runs at once, not when the stream ends
+  flwr "${args[@]}" 2>&1 | tee "$logfile" | grep --line-buffered -v -E '^\s*$' | grep --line-buffered -v -E 'WARNING .*(deprecat|Deprecat)' &
+  local stream=$!
+  while kill -0 "$stream" 2>/dev/null; do
+    [[ -z "$RUN_ID" ]] && RUN_ID="$(grep -oE 'run [0-9]+' "$logfile" 2>/dev/null | head -1 | grep -oE '[0-9]+' || true)"
+    sleep 0.5
+  done
+  wait "$stream"
   set -e
   rid="$(run_id "$logfile")" || exit 2
   finish_run "$conn" "$rid" "$logfile"
@@ -242,6 +303,8 @@ flwr_follow() {
     die "flwr run could not submit the run (log: $logfile)"
   fi
   rid="$(run_id "$logfile")" || { cat "$logfile" >&2; exit 2; }
+  RUN_ID="$rid"
+  RUN_CONN="$conn"
   # --pid: tail ends with this script even if it is killed before it stops the follower itself
   (tail --pid=$$ -n +1 -s 0.2 -F "$progress" 2>/dev/null | tee -a "$logfile" | grep --line-buffered -v -E '^\s*$') 2>/dev/null &
   local tailer=$!
@@ -663,7 +726,8 @@ main() {
       shift
       [[ -f "$ROOT/bench/$name.py" ]] || die "bench: unknown benchmark '$name'; valid: $(cd "$ROOT/bench" && ls -- *.py | grep -v __init__ | sed 's/\.py$//' | tr '\n' ' ')"
       cd "$ROOT"
-      "$PY" -m "bench.$name" "$@"
+      "$PY" -m "bench.$name" "$@" &  # waited for, so that an interrupt's trap runs at once
+      wait $!
       ;;
     test) setup; cd "$ROOT"; exec_tests "$@" ;;
     test-fast) setup; cd "$ROOT"; exec_tests -m "not slow" "$@" ;;

@@ -207,3 +207,54 @@ def write_status(run_dir: Path, status: str, **details: Any) -> None:
     tmp = path.with_name(f".{STATUS_NAME}.{os.getpid()}")
     tmp.write_text(json.dumps({"status": status, "pid": os.getpid(), **details}, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def checkpoint_round(run_dir: Path) -> int | None:
+    """The round ``run_dir/checkpoint.npz`` was taken after (None without a readable checkpoint)."""
+    import numpy as np
+
+    try:
+        with np.load(Path(run_dir) / "checkpoint.npz", allow_pickle=False) as z:
+            return int(json.loads(z["state"].tobytes().decode())["round"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def mark_interrupted(run_dir: Path) -> str:
+    """Record an interrupt in ``status.json`` and in metrics.json's summary; return the line to print."""
+    run_dir = Path(run_dir)
+    done, ckpt = trained_rounds(run_dir), checkpoint_round(run_dir)
+    write_status(run_dir, "interrupted", **{"rounds-completed": done, "checkpoint-round": ckpt})
+    metrics = run_dir / "metrics.json"
+    try:
+        doc = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        doc = None
+    if isinstance(doc, dict):
+        doc.setdefault("summary", {}).update({"status": "interrupted", "interrupted-after-round": done})
+        tmp = metrics.with_name(f".metrics.json.{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, metrics)
+    if ckpt is None:
+        return f"interrupted after round {done}; no checkpoint was written yet, so the run starts anew"
+    return (
+        f"interrupted after round {done}; continue from its checkpoint (round {ckpt}) with: ./run.sh resume {run_dir}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m common.runfolder interrupted DIR``: what ``run.sh`` calls after it stopped a run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="run-folder bookkeeping for run.sh")
+    parser.add_argument("action", choices=["interrupted"])
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    print(f"[run.sh] {mark_interrupted(args.run_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
