@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import arrays as A
 from common import data as D
 
 
@@ -26,12 +27,12 @@ def test_channel_stats_equals_the_float64_formula() -> None:
 
 def _synthetic_one_draw(num_train: int, num_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The noise of make_synthetic drawn in one call of the whole shape (the form before chunking)."""
-    saved = D._SYNTHETIC_CHUNK
-    D._SYNTHETIC_CHUNK = 10**9
+    saved = A._SYNTHETIC_CHUNK
+    A._SYNTHETIC_CHUNK = 10**9
     try:
         ds = D.make_synthetic(num_train, num_test, seed)
     finally:
-        D._SYNTHETIC_CHUNK = saved
+        A._SYNTHETIC_CHUNK = saved
     return ds.x_train, ds.x_test
 
 
