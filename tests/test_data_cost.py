@@ -37,7 +37,7 @@ def _synthetic_one_draw(num_train: int, num_test: int, seed: int) -> tuple[np.nd
 
 
 def test_synthetic_noise_in_chunks_is_the_same_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D, "_SYNTHETIC_CHUNK", 7)  # 7 does not divide 50 or 20: a ragged last chunk
+    monkeypatch.setattr(A, "_SYNTHETIC_CHUNK", 7)  # 7 does not divide 50 or 20: a ragged last chunk
     chunked = D.make_synthetic(50, 20, seed=4)
     monkeypatch.undo()
     x_train, x_test = _synthetic_one_draw(50, 20, 4)
