@@ -19,7 +19,7 @@ import torch
 
 from common.arrays import NPZ_KEYS, ArrayDataset, DataError, load_npz, make_synthetic
 from common.dataspec import DATASET_NAMES, DataSpec
-from common.partition import partition_indices
+from common.partition import partition_plan
 
 __all__ = ["NPZ_KEYS", "ArrayDataset", "DataError", "load_npz", "make_synthetic"]
 
@@ -98,17 +98,7 @@ def to_tensor(spec: DataSpec, x: np.ndarray) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def partitions(spec: DataSpec, num_partitions: int) -> tuple[np.ndarray, ...]:
     """Training-set index partitions for ``num_partitions`` clients (cached per process)."""
-    ds = load_dataset(spec)
-    return tuple(
-        partition_indices(
-            ds.y_train,
-            spec.partition,
-            num_partitions,
-            seed=spec.seed,
-            alpha=spec.dirichlet_alpha,
-            min_size=spec.min_partition_size,
-        )
-    )
+    return tuple(partition_plan(load_dataset(spec).y_train, spec, num_partitions))
 
 
 @dataclass(frozen=True)

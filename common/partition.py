@@ -96,3 +96,19 @@ def _check_counts(num_samples: int, num_partitions: int, min_size: int) -> None:
         raise ValueError(f"min-partition-size must be >= 0, got {min_size!r}")
     if num_samples < num_partitions:
         raise ValueError(f"cannot split {num_samples} samples into {num_partitions} partitions")
+
+
+def partition_plan(labels: np.ndarray, spec: object, num_partitions: int) -> list[np.ndarray]:
+    """The partition a run's clients make: ``spec`` is its :class:`common.dataspec.DataSpec`.
+
+    One call for the clients (:func:`common.data.partitions`) and for the launcher's check
+    before anything starts (:func:`common.runcheck.check_partition`), so both make the same plan.
+    """
+    return partition_indices(
+        labels,
+        spec.partition,  # type: ignore[attr-defined]
+        num_partitions,
+        seed=spec.seed,  # type: ignore[attr-defined]
+        alpha=spec.dirichlet_alpha,  # type: ignore[attr-defined]
+        min_size=spec.min_partition_size,  # type: ignore[attr-defined]
+    )

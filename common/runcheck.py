@@ -26,7 +26,7 @@ import os
 
 from common.arrays import ArrayDataset, DataError, load_npz, make_synthetic
 from common.config import ConfigError, RunConfig
-from common.partition import partition_indices
+from common.partition import partition_plan
 from common.zoo import MIN_CHANNELS, MODEL_BASE_CHANNELS, scaled
 
 
@@ -42,14 +42,7 @@ def dataset_arrays(cfg: RunConfig) -> ArrayDataset | None:
 def check_partition(cfg: RunConfig, ds: ArrayDataset, num_partitions: int) -> None:
     """Make the partition the clients will make; ConfigError naming the keys if it cannot be made."""
     try:
-        partition_indices(
-            ds.y_train,
-            cfg.partition,
-            num_partitions,
-            seed=cfg.seed,
-            alpha=cfg.dirichlet_alpha,
-            min_size=cfg.min_partition_size,
-        )
+        partition_plan(ds.y_train, cfg.data_spec(), num_partitions)
     except ValueError as exc:
         raise ConfigError(
             f"the data cannot be partitioned over {num_partitions} clients ({len(ds.y_train)} training images, "
