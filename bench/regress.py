@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 from bench.compare import ROOT, SCENARIOS, run_config, run_entry
 from common.results import summarise
+from common.seedstats import pooled_sigma
 
 ENTRIES: dict[str, str] = {
     "smartfreeze": "strategy='smartfreeze'",
@@ -70,13 +70,6 @@ def run_set(out: Path, seed: int, threads: tuple[int, int]) -> dict[str, dict[st
             "run": str(run_dir),
         }
     return result
-
-
-def pooled_sigma(differences: list[float]) -> float:
-    """One run's noise std from twin differences: ``sqrt(mean(d^2) / 2)`` (0 without differences)."""
-    if not differences:
-        return 0.0
-    return math.sqrt(sum(d * d for d in differences) / len(differences) / 2)
 
 
 def tolerances(noise: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:

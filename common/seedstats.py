@@ -10,6 +10,9 @@ Pure functions (no Flower, no torch), unit-tested in ``tests/test_compare_stats.
   ``t = mean / (std / sqrt(n))`` with ``n - 1`` degrees of freedom and the two-sided 95 %
   confidence interval ``mean +- t_0.975(n - 1) * std / sqrt(n)``. The difference is called
   significant when that interval excludes 0 (equivalently ``|t| > t_0.975``).
+* :func:`pooled_sigma`: one run's noise std from differences between twins (the same seed run
+  twice under other float rounding): each twin carries its own noise, so
+  ``Var(d) = 2 sigma^2`` and ``sigma = sqrt(mean(d^2) / 2)`` (the twins' expected difference is 0).
 """
 
 from __future__ import annotations
@@ -98,3 +101,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifferenc
     half = t_quantile_975(n - 1) * sem
     t = math.inf if sem == 0 and s.mean != 0 else (0.0 if sem == 0 else s.mean / sem)
     return PairedDifference(s.mean, s.std, n, t, (s.mean - half, s.mean + half), diffs)
+
+
+def pooled_sigma(differences: Sequence[float]) -> float:
+    """One run's noise std from twin differences: ``sqrt(mean(d^2) / 2)`` (0 without differences)."""
+    if not differences:
+        return 0.0
+    return math.sqrt(sum(d * d for d in differences) / len(differences) / 2)
