@@ -39,6 +39,8 @@ accuracy of the full model, participation rate (share of devices that trained at
 peak client memory (largest measured PyTorch peak of any client in any round, and the largest
 modelled stage memory), simulated training time (sum of Eq. 7 round times), simulated time to
 reach the reference entry's last-5 mean, and bytes moved (down + up, plus the monitor's queries).
+With several seeds the page also lists every entry minus the reference (``--reference``, default
+the last entry), paired by seed with a Student-t interval: the line an ablation is read from.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from typing import Any
 from bench.compare_table import markdown, plot
 from common.config import ConfigError
 from common.preflight import app_defaults, parse_overrides, toml_value
-from common.results import aggregate, headline, smoothed_final, summarise
+from common.results import aggregate, headline, smoothed_final, summarise, versus
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "../shared/data/cifar10_small.npz"
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-start", type=int, default=0, help="first seed (seeds are consecutive)")
     parser.add_argument("--rounds", type=int, default=None, help="override num-rounds")
     parser.add_argument("--data-path", default=None, help="override data-path (an .npz, dataset='npz')")
-    parser.add_argument("--reference", default=None, help="entry whose last-5 mean is the time-to-target")
+    parser.add_argument("--reference", default=None, help="entry paired against and timed to (default: last)")
     parser.add_argument("--run-config", default="", help="overrides for every entry (later keys win)")
     parser.add_argument("--out", type=Path, default=None, help="default outputs/compare/<scenario>")
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
@@ -293,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             runs[label].append(summarise(label, seed, docs[label][i], target))
     rows = [aggregate(label, runs[label]) for label in labels]
     head = headline(rows, runs)
+    against = versus(runs, reference) if len(seeds) > 1 else {}
     effective = config_string(common)
-    table = markdown(args.scenario, scenario.description, effective, dict(entries), rows, runs, head, reference)
+    table = markdown(
+        args.scenario, scenario.description, effective, dict(entries), rows, runs, head, reference, against
+    )
     (out / "comparison.md").write_text(table)
     result = {
         "scenario": args.scenario,
@@ -306,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [_jsonable(r) for r in rows],
         "runs": runs,
         "headline": _jsonable(head),
+        "versus-reference": _jsonable(against),
     }
     (out / "comparison.json").write_text(json.dumps(result, indent=2))
     plot(docs, out / "accuracy.png", scenario.description)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.results import HEADLINE, SMOOTH, difference_line, mean_curve
-from common.seedstats import Spread
+from common.seedstats import PairedDifference, Spread
 
 
 def _fmt(value: Any, pct: bool = False, digits: int = 1) -> str:
@@ -52,8 +52,10 @@ def markdown(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
     head: Mapping[str, Any],
     ref: str,
+    against: Mapping[str, Mapping[str, PairedDifference]] | None = None,
 ) -> str:
-    """The comparison page: entry table (mean ± std), headline, per-seed table, faults table if any."""
+    """The comparison page: entry table (mean ± std), headline, each entry against ``ref`` (paired by seed,
+    from :func:`common.results.versus`), per-seed table, faults table if any."""
     seeds = sorted({s for r in rows for s in r["seeds"]})
     lines = [
         f"Scenario `{name}`: {description}.",
@@ -93,6 +95,12 @@ def markdown(
         for key, what in ((HEADLINE, f"last-{SMOOTH} mean"), ("final-accuracy", "final round")):
             if key in head:
                 lines.append(f"- {difference_line(what, head[key])}")
+    if against:
+        lines += ["", f"Each entry minus `{ref}`, paired by seed (ablations read here):", ""]
+        for label, diffs in against.items():
+            for key, what in ((HEADLINE, f"last-{SMOOTH} mean"), ("final-accuracy", "final round")):
+                if key in diffs:
+                    lines.append(f"- `{label}`, {difference_line(what, diffs[key])}")
     lines += [
         "",
         "Per seed:",

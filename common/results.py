@@ -132,6 +132,30 @@ def headline(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Sequence[Mapp
     return out
 
 
+def versus(runs: Mapping[str, Sequence[Mapping[str, Any]]], reference: str) -> dict[str, dict[str, Any]]:
+    """Every entry minus ``reference``, paired by seed, for the headline metric and the final round.
+
+    An ablation's question ("does this mechanism move the method?") is this difference with its
+    Student-t interval. Entries without a seed in common with the reference are left out; the
+    reference itself too. Pure.
+    """
+    ref = {r["seed"]: r for r in runs.get(reference, ())}
+    out: dict[str, dict[str, Any]] = {}
+    for label, per_seed in runs.items():
+        if label == reference:
+            continue
+        mine = {r["seed"]: r for r in per_seed}
+        seeds = sorted(set(mine) & set(ref))
+        diffs: dict[str, Any] = {}
+        for key in (HEADLINE, "final-accuracy"):
+            pairs = [(mine[s][key], ref[s][key]) for s in seeds if mine[s][key] is not None and ref[s][key] is not None]
+            if pairs:
+                diffs[key] = paired_difference([x for x, _ in pairs], [y for _, y in pairs])
+        if diffs:
+            out[label] = diffs
+    return out
+
+
 def mean_curve(docs: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[float], list[float], list[float]]:
     """Rounds, mean simulated time, mean and sample std of test accuracy (%) over runs, per round all runs have."""
     by_round: dict[int, list[tuple[float, float]]] = {}

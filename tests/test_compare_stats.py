@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench.compare_table import markdown
-from common.results import aggregate, headline, mean_curve, summarise
+from common.results import aggregate, headline, mean_curve, summarise, versus
 from common.seedstats import paired_difference, spread, t_quantile_975
 
 
@@ -74,3 +74,23 @@ def test_headline_pairs_smartfreeze_with_the_best_constrained_entry_and_page_sho
     assert "| allsmall | 1 | 41.0 |" in page  # per-seed row
     rounds, sim, mean, std = mean_curve([_doc("x", [0.2, 0.4]), _doc("x", [0.4, 0.4])])
     assert rounds == [0, 1, 2] and mean[1] == pytest.approx(30.0) and std[2] == 0.0 and sim[1:] == [1.0, 2.0]
+
+
+def test_versus_pairs_every_entry_with_the_reference_and_the_page_lists_it() -> None:
+    curves = {
+        "ablation": [[0.40] * 6, [0.38] * 6, [0.41] * 6],
+        "other": [[0.30] * 6],
+        "ref": [[0.42] * 6, [0.41] * 6, [0.42] * 6],
+    }
+    runs = {
+        label: [summarise(label, seed, _doc(label, accs), None) for seed, accs in enumerate(per_seed)]
+        for label, per_seed in curves.items()
+    }
+    against = versus(runs, "ref")
+    assert set(against) == {"ablation", "other"}
+    assert against["ablation"]["final-accuracy-smoothed"].differences == pytest.approx((-0.02, -0.03, -0.01))
+    assert against["other"]["final-accuracy"].n == 1 and against["other"]["final-accuracy"].std is None
+    assert versus(runs, "missing") == {}
+    rows = [aggregate(label, per_seed) for label, per_seed in runs.items()]
+    page = markdown("t", "test", "num-rounds=6", {k: "" for k in curves}, rows, runs, {}, "ref", against)
+    assert "Each entry minus `ref`" in page and "- `ablation`, last-5 mean: -2.0 ± 1.0 points" in page
