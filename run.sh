@@ -42,9 +42,11 @@ Commands:
                       node-wait-seconds, round-timeout
   test [pytest args]  run the test suite (all tests, including end-to-end runs)
   test-fast           unit tests only (-m "not slow")
-  deploy-local [--nodes N] [--run-config "k=v ..."] [--overwrite]
+  deploy-local [--nodes N] [--run-config "k=v ..."] [--overwrite] [--memory-mb MB[,MB...]] [--no-worker]
                       one federated run over the network on localhost: a SuperLink and
-                      N SuperNodes (default 2), started and stopped by this script
+                      N SuperNodes (default 2), each with its warm worker, started and
+                      stopped by this script; --memory-mb: each node's budget, enforced by
+                      the OS on its worker where the machine allows (one value, or one per node)
   deploy superlink [--host H] [--port P] [--certs DIR | --insecure] [--auth-keys KEY.pub|DIR ...]
                    [--database F]
                       the SuperLink in the foreground (default 0.0.0.0:9091, TLS with DIR/ca.crt,
@@ -52,9 +54,12 @@ Commands:
                       authentication and registers the keys (make all with scripts/make_certs.sh)
   deploy supernode --superlink HOST:PORT --partition-id I --num-partitions N [--memory-mb MB]
                    [--data-path F] [--certs DIR | --root-cert F | --insecure] [--auth-key F]
-                   [--node-config "k=v ..."] [--host H] [--port P]
-                      a SuperNode in the foreground (one per device); budget default: the memory
-                      available at start-up; --data-path: this device's copy of the .npz
+                   [--node-config "k=v ..."] [--host H] [--port P] [--no-worker]
+                      a SuperNode in the foreground (one per device) with its warm worker
+                      (client_app/worker.py: torch, data and models stay loaded between
+                      messages); --memory-mb: the budget, and the OS memory limit of the
+                      worker where cgroups allow (default: the memory available at start-up,
+                      not enforced); --data-path: this device's copy of the .npz
   deploy register --superlink HOST:PORT [--certs DIR | --root-cert F] KEY.pub ...
                       register more SuperNode public keys at a running SuperLink
   deploy run --superlink HOST:PORT [--certs DIR | --root-cert F | --insecure] [--run-config "k=v ..."]
@@ -399,16 +404,28 @@ cmd_run() {
 }
 
 cmd_deploy_local() {
-  local nodes=2 rcs=()
+  local nodes=2 rcs=() memlist="" worker=1
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --run-config) rcs+=("$2"); shift 2 ;;
       --overwrite) rcs+=("overwrite=true"); shift ;;
       --nodes) nodes="$2"; shift 2 ;;
-      *) die "deploy-local: unknown option '$1' (valid: --run-config, --overwrite, --nodes)" ;;
+      --memory-mb) memlist="$2"; shift 2 ;;
+      --no-worker) worker=0; shift ;;
+      *) die "deploy-local: unknown option '$1' (valid: --run-config, --overwrite, --nodes, --memory-mb, --no-worker)" ;;
     esac
   done
   [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
+  local mems=() m
+  if [[ -n "$memlist" ]]; then
+    IFS=',' read -r -a mems <<<"$memlist"
+    for m in "${mems[@]}"; do
+      [[ "$m" =~ ^[0-9]+([.][0-9]+)?$ ]] && awk "BEGIN{exit !($m > 0)}" ||
+        die "--memory-mb: '$m' is not a positive number of MB (give one value or $nodes, comma-separated)"
+    done
+    [[ ${#mems[@]} -eq 1 || ${#mems[@]} -eq "$nodes" ]] ||
+      die "--memory-mb: ${#mems[@]} values for $nodes nodes (give one value or $nodes, comma-separated)"
+  fi
   local overrides
   PREFLIGHT_ARGS=(--num-partitions "$nodes")
   overrides="$(preflight "${rcs[@]+"${rcs[@]}"}")" || exit 2
@@ -419,13 +436,33 @@ cmd_deploy_local() {
   port="$(free_port)"
   start_bg "$FLWR_HOME/superlink.log" flower-superlink --insecure --host 127.0.0.1 --port "$port"
   wait_health "$port" "$LAST_PID" "$FLWR_HOME/superlink.log"
-  local i
+  local i node_config sock mem
   for ((i = 0; i < nodes; i++)); do
+    node_config="partition-id=$i num-partitions=$nodes"
+    mem=""
+    [[ ${#mems[@]} -gt 0 ]] && mem="${mems[$((${#mems[@]} == 1 ? 0 : i))]}"
+    [[ -n "$mem" ]] && node_config+=" memory-mb=$mem"
+    if [[ "$worker" -eq 1 ]]; then
+      sock="$FLWR_HOME/workers/node-$i/worker.sock"
+      start_worker "$FLWR_HOME/worker-$i.log" "$sock" "node$i-$$" "$mem"
+      node_config+=" worker-socket=\"$sock\""
+    fi
     start_bg "$FLWR_HOME/supernode-$i.log" flower-supernode --insecure --superlink "127.0.0.1:$port" \
-      --node-config "partition-id=$i num-partitions=$nodes" --host 127.0.0.1 --port "$(free_port)"
+      --node-config "$node_config" --host 127.0.0.1 --port "$(free_port)"
   done
   write_connection deploy "$port"
   flwr_run deploy "$overrides"
+}
+
+# start_worker LOGFILE SOCKET NAME [MEMORY_MB]: a node's warm worker (its supervisor, in the
+# background), under an OS memory limit of MEMORY_MB where the machine allows it
+start_worker() {
+  local logfile="$1" sock="$2" name="$3" mem="${4:-}" args=()
+  args=(--socket "$sock" --name "$name")
+  [[ -n "$mem" ]] && args+=(--memory-mb "$mem")
+  mkdir -p "$(dirname "$sock")"
+  chmod 700 "$(dirname "$sock")"
+  start_bg "$logfile" env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m client_app.worker "${args[@]}"
 }
 
 # ---------------------------------------------------------------- deploy (real devices)
@@ -577,7 +614,7 @@ deploy_superlink() {
 
 deploy_supernode() {
   local superlink="" pid_="" nparts="" memory="" data="" extra="" certs="" ca="" key="" insecure=0
-  local host=127.0.0.1 port=""
+  local host=127.0.0.1 port="" worker=1
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --superlink) superlink="$2"; shift 2 ;;
@@ -592,7 +629,8 @@ deploy_supernode() {
       --insecure) insecure=1; shift ;;
       --host) host="$2"; shift 2 ;;
       --port) port="$2"; shift 2 ;;
-      *) die "deploy supernode: unknown option '$1' (valid: --superlink, --partition-id, --num-partitions, --memory-mb, --data-path, --node-config, --certs, --root-cert, --auth-key, --insecure, --host, --port)" ;;
+      --no-worker) worker=0; shift ;;
+      *) die "deploy supernode: unknown option '$1' (valid: --superlink, --partition-id, --num-partitions, --memory-mb, --data-path, --node-config, --certs, --root-cert, --auth-key, --insecure, --host, --port, --no-worker)" ;;
     esac
   done
   [[ -n "$superlink" ]] || die "deploy supernode: --superlink HOST:PORT is required"
@@ -604,6 +642,11 @@ deploy_supernode() {
   [[ -n "$memory" ]] && node_args+=(--memory-mb "$memory")
   [[ -n "$data" ]] && node_args+=(--data-path "$data")
   [[ -n "$extra" ]] && node_args+=(--node-config "$extra")
+  FLWR_HOME="$FLWR_BASE/deploy/supernode-$port"
+  export FLWR_HOME
+  mkdir -p "$FLWR_HOME"
+  local sock="$FLWR_HOME/worker/worker.sock"
+  [[ "$worker" -eq 1 ]] && node_args+=(--worker-socket "$sock")
   local node_config
   node_config="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m common.node "${node_args[@]}")" || exit 2
   local args=(flower-supernode --superlink "$superlink" --node-config "$node_config" --host "$host" --port "$port")
@@ -619,11 +662,17 @@ deploy_supernode() {
       args+=(--auth-supernode-private-key "$key")
     fi
   fi
-  FLWR_HOME="$FLWR_BASE/deploy/supernode-$port"
-  export FLWR_HOME
-  mkdir -p "$FLWR_HOME"
   log "starting a SuperNode for $superlink ($([[ "$insecure" -eq 1 ]] && echo insecure || echo TLS)$([[ -n "$key" ]] && echo ", key $key")): $node_config"
-  exec "${args[@]}"
+  if [[ "$worker" -eq 1 ]]; then
+    start_worker "$FLWR_HOME/worker.log" "$sock" "supernode-$port" "$memory"
+    log "warm worker pid $LAST_PID at $sock (log: $FLWR_HOME/worker.log)"
+  fi
+  # in the foreground, but as a child: the EXIT trap then stops the worker when the SuperNode ends
+  "${args[@]}" &
+  STARTED_PIDS+=("$!")
+  local rc=0
+  wait "$!" || rc=$?
+  exit "$rc"
 }
 
 deploy_register() {

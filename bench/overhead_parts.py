@@ -7,7 +7,7 @@ the pieces a simulated round adds to the plain loop's work, on the default workl
 (``../shared/data/cifar10_small.npz``, 20 partitions, ResNet10 width 0.25, batch 32, one torch thread
 as a client):
 
-* **client, per train message**: the ClientApp's real ``train`` handler (``client_app.app.train``) on a
+* **client, per train message**: the ClientApp's real ``train`` handler (``client_app.handlers.train``) on a
   real ``Message``/``Context``, against ``train_local`` alone (the plain loop's work); the difference is
   config parsing, the device budget (``_device``: memory model), ``track_peak`` (profiler for three
   steps, RSS high-water mark), ``from_record``/``to_record`` and ``state_to_numpy``. Timed also with
@@ -91,7 +91,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], reps: int) -> dict[str, 
 @contextlib.contextmanager
 def no_track_peak() -> Iterator[None]:
     """Replace the ClientApp's ``track_peak`` with a no-op meter for the duration of the block."""
-    import client_app.app as client
+    import client_app.handlers as client
     from common.memory import PeakMeter
 
     @contextlib.contextmanager
@@ -133,7 +133,7 @@ def cold_start(partitions: int) -> dict[str, float]:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    import client_app.app as client
+    import client_app.app as capp
     from common import protocol as P
     from common.config import parse_run_config
     from common.preflight import app_defaults
@@ -151,7 +151,7 @@ def cold_start(partitions: int) -> dict[str, float]:
     def query(pid: int) -> float:
         msg = with_id(Message(RecordDict({P.CONFIG: ConfigRecord({P.ROUND: 0})}), pid + 1, MessageType.QUERY))
         start = time.perf_counter()
-        client.query(msg, context(pid))
+        capp.query(msg, context(pid))
         return time.perf_counter() - start
 
     first = query(0)
@@ -170,7 +170,7 @@ def cold_start(partitions: int) -> dict[str, float]:
         strategy.cfg = cfg.model_copy(update={"fraction_train": 1.0})
         for msg in strategy.configure_train(1, ArrayRecord(), cfg_round, None):  # type: ignore[arg-type]
             pid = msg.metadata.dst_node_id - 1
-            client.train(with_id(msg), context(pid))
+            capp.train(with_id(msg), context(pid))
     return {
         "import-torch": t_torch - t0,
         "import-flwr-and-apps": t_import - t_torch,
@@ -193,7 +193,8 @@ def measure(reps: int, clients: int, partitions: int) -> dict[str, Any]:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    import client_app.app as client
+    import client_app.app as capp
+    import client_app.handlers as client
     from common import protocol as P
     from common.aggregate import weighted_average
     from common.config import parse_run_config
@@ -226,7 +227,7 @@ def measure(reps: int, clients: int, partitions: int) -> dict[str, Any]:
     train_msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), None))  # type: ignore[arg-type]
     msg = with_id(train_msgs[0])
     seed = int(msg.content[P.CONFIG][P.SEED])
-    client.train(msg, context)  # warm-up: data, memory model, profiler initialisation
+    capp.train(msg, context)  # warm-up: data, memory model, profiler initialisation
 
     def bare_train() -> None:
         load_numpy(client._model(cfg.model, 10, cfg.width), strategy.arrays)
@@ -244,13 +245,13 @@ def measure(reps: int, clients: int, partitions: int) -> dict[str, Any]:
 
     def handler_without_track_peak() -> None:
         with no_track_peak():
-            client.train(msg, context)
+            capp.train(msg, context)
 
     figures: dict[str, Any] = {}
     clients_timed = interleaved(
         {
             "train_local": bare_train,
-            "handler": lambda: client.train(msg, context),
+            "handler": lambda: capp.train(msg, context),
             "handler-without-track-peak": handler_without_track_peak,
         },
         reps,
@@ -262,7 +263,7 @@ def measure(reps: int, clients: int, partitions: int) -> dict[str, Any]:
     figures["client-device-budget (_device)"] = best(
         lambda: client._device(cfg, client.node_identity(context.node_config), context, data), reps
     )
-    reply = client.train(msg, context)
+    reply = capp.train(msg, context)
 
     eval_msgs = list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), None))  # type: ignore[arg-type]
     emsg = with_id(eval_msgs[0])
@@ -271,7 +272,7 @@ def measure(reps: int, clients: int, partitions: int) -> dict[str, Any]:
         lambda: (load_numpy(model, strategy.arrays), evaluate(model, data.x_val, data.y_val, cfg.eval_batch_size)),
         reps,
     )
-    figures["client-evaluate-handler"] = best(lambda: client.evaluate_local(emsg, context), reps)
+    figures["client-evaluate-handler"] = best(lambda: capp.evaluate_local(emsg, context), reps)
 
     blob = pickle.dumps((msg, context), protocol=5)
     rblob = pickle.dumps(reply, protocol=5)

@@ -86,6 +86,15 @@ class RunConfig(BaseModel):
     min_available_nodes: int = Field(2, ge=1)
     node_wait_seconds: float = Field(120.0, gt=0, description="how long to wait for min-available-nodes (s)")
     round_timeout: float = Field(3600.0, gt=0, description="reply timeout per round (s)")
+    poll_interval: float = Field(
+        0.1, gt=0, le=30, description="deployment: seconds between pulls of replies from the SuperLink (Flower's: 3)"
+    )
+    evaluate_every: int = Field(
+        0,
+        ge=0,
+        description="federated evaluation every N rounds and in the last; 0 = every round in simulation, "
+        "every 5 in deployment (other rounds: the training replies evaluate the model received)",
+    )
     local_epochs: int = Field(1, gt=0)
     batch_size: int = Field(32, gt=0)
     eval_batch_size: int = Field(256, gt=0)

@@ -134,6 +134,26 @@ def node_data_path(node_config: Mapping[str, Any], check_contents: bool = False)
     return str(path)
 
 
+def node_worker_socket(node_config: Mapping[str, Any]) -> str | None:
+    """The node's ``worker-socket`` (absolute path of its warm worker's Unix socket), or None if absent.
+
+    Set by ``run.sh deploy supernode`` / ``deploy-local`` (which start the worker); without it the
+    ClientApp trains in its own process. The socket itself is checked when a message is relayed
+    (:func:`common.wire.check_socket`): it may not exist yet while the worker starts.
+    """
+    if "worker-socket" not in node_config:
+        return None
+    value = node_config["worker-socket"]
+    if not isinstance(value, str) or not value.strip():
+        raise NodeConfigError(f"node-config worker-socket={value!r} must be a non-empty path string")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise NodeConfigError(f"node-config worker-socket={value!r} must be an absolute path")
+    if len(str(path).encode()) > 107:
+        raise NodeConfigError(f"node-config worker-socket={value!r} is longer than a Unix socket path may be (107 B)")
+    return str(path)
+
+
 def available_memory_mb() -> float:
     """Memory the OS reports available right now (MB, psutil ``virtual_memory().available``)."""
     import psutil
@@ -147,6 +167,7 @@ def supernode_node_config(
     memory_mb: str | None = None,
     data_path: str | None = None,
     extra: str = "",
+    worker_socket: str | None = None,
 ) -> dict[str, Any]:
     """Validated node config for ``flower-supernode --node-config`` from ``run.sh deploy supernode``.
 
@@ -154,7 +175,8 @@ def supernode_node_config(
     partition against its range, the budget as a positive number of MB, the data file as a
     readable ``.npz``). Without ``memory_mb`` the budget is the memory available now
     (:func:`available_memory_mb`), measured once at start-up. ``extra`` is a further
-    ``--node-config`` string; its keys may not repeat the ones given as options.
+    ``--node-config`` string; its keys may not repeat the ones given as options. ``worker_socket``
+    is where the node's warm worker listens (:func:`node_worker_socket`).
     """
     config = parse_node_config(extra)
     given = {"partition-id": partition_id, "num-partitions": num_partitions}
@@ -162,6 +184,8 @@ def supernode_node_config(
         given["memory-mb"] = memory_mb
     if data_path is not None:
         given["data-path"] = data_path
+    if worker_socket is not None:
+        given["worker-socket"] = worker_socket
     clash = sorted(set(config) & set(given))
     if clash:
         raise NodeConfigError(f"node-config {extra!r} repeats {clash}, which are set by their own options")
@@ -173,6 +197,7 @@ def supernode_node_config(
     path = node_data_path(config, check_contents=True)
     if path is not None:
         config["data-path"] = path
+    node_worker_socket(config)
     return config
 
 
@@ -199,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-mb", default=None, help="budget in MB (default: memory available now)")
     parser.add_argument("--data-path", default=None, help="this device's copy of the .npz dataset")
     parser.add_argument("--node-config", default="", help="further key=value pairs")
+    parser.add_argument("--worker-socket", default=None, help="the warm worker's Unix socket (absolute path)")
     args = parser.parse_args(argv)
     try:
         config = supernode_node_config(
-            args.partition_id, args.num_partitions, args.memory_mb, args.data_path, args.node_config
+            args.partition_id, args.num_partitions, args.memory_mb, args.data_path, args.node_config, args.worker_socket
         )
         print(format_node_config(config))
     except NodeConfigError as exc:

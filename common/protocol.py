@@ -24,6 +24,7 @@ SCALER = "scaler-rate"  # HeteroFL: Scaler rate (inputs of norm layers divided b
 FEDLL_LAYER = "fedll-layer"  # FedLL: the 0-based layer to train (sub-model: frozen layers before it + its head)
 SHRINK = "profl-shrink-block"  # ProFL: shrinking step with this real block (0-based); absent or < 0: none
 
+PRE_EVAL = "pre-eval"  # train: evaluate the received model on the local validation split before training
 WANT_GRAD = "want-grad"
 ENFORCE_BUDGET = "enforce-budget"  # false for the unconstrained reference (fedavg)
 
@@ -47,6 +48,16 @@ TRAIN_SECONDS = "train-seconds"
 SAMPLES_PER_SECOND = "samples-per-second"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+PRE_EVAL_LOSS = "pre-eval-loss"  # train reply (with pre-eval): validation loss of the model received
+PRE_EVAL_ACCURACY = "pre-eval-accuracy"
+PRE_EVAL_EXAMPLES = "pre-eval-examples"
+STARTUP_SECONDS = "clientapp-startup-seconds"  # flwr-clientapp process start -> handler entry, s
+NODE_SECONDS = "node-seconds"  # the handler's own time on the node (worker or in-process), s
+RELAY_SECONDS = "relay-seconds"  # thin ClientApp <-> worker: connect, handshake, frames, s (worker only)
+OS_LIMIT_MB = "os-limit-mb"  # the OS memory limit the worker runs under, MB (absent: none in force)
+OS_PEAK_MB = "os-peak-mb"  # the worker's peak memory charged to that limit during this message, MB
+OS_LIMIT_HIT = "os-limit-hit"  # 1 if a charge reached the limit during this message (the kernel reclaimed)
+OOM_KILLED = "out-of-memory kill"  # in a failed reply's reason: the OS killed the worker at its memory limit
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -142,6 +142,7 @@ class TiFLStrategy(FedAvgStrategy):
     and ``fraction-train`` x all clients are drawn uniformly from that tier.
     """
 
+    needs_every_evaluation = True  # the tier probabilities read every round's federated evaluation
     name = "tifl"
     enforces_budget = True
     checkpoint_attrs = ("tiers", "credits", "client_accuracy", "chosen_tiers")

@@ -75,6 +75,11 @@ class DepthFLStrategy(FedAvgStrategy):
         budget = self.nodes[partition_id].memory_mb
         return choose_depth(lambda d: self.depth_required_mb(d) <= budget, self.num_blocks)
 
+    def node_required_mb(self, partition_id: int) -> float:
+        """Modelled training memory (MB) of the node's own depth (0 if none fits: it is not sent anything)."""
+        depth = self.depth_of(partition_id)
+        return 0.0 if depth is None else self.depth_required_mb(depth)
+
     def fits(self, partition_id: int) -> bool:
         """True if some depth (down to one block with its classifier) fits the node's budget."""
         return self.depth_of(partition_id) is not None

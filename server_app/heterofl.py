@@ -75,6 +75,11 @@ class HeteroFLStrategy(FedAvgStrategy):
         budget = self.nodes[partition_id].memory_mb
         return choose_rate(lambda r: self.rate_required_mb(r) <= budget)
 
+    def node_required_mb(self, partition_id: int) -> float:
+        """Modelled training memory (MB) of the node's own rate (0 if none fits: it is not sent anything)."""
+        rate = self.rate_of(partition_id)
+        return 0.0 if rate is None else self.rate_required_mb(rate)
+
     def fits(self, partition_id: int) -> bool:
         """True if some sub-model (down to rate 1/16) fits the node's budget."""
         return self.rate_of(partition_id) is not None

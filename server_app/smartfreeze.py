@@ -167,7 +167,7 @@ class SmartFreezeStrategy(FedAvgStrategy):
         ]
         self.monitor_bytes += record.count_bytes() * len(msgs)
         by_node = {n.node_id: n for n in self.nodes.values()}
-        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+        for reply in self.exchange(grid, msgs):
             node = by_node.get(reply.metadata.src_node_id)
             if node is None or reply.has_error():
                 reason = reply.error.reason if reply.has_error() else "unknown node"

@@ -42,6 +42,7 @@ from common.memory import stage_memory
 from common.models import BlockModel, build_model
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app import checkpoint as ckpt
+from server_app.exchange import send_and_receive
 from server_app.failures import group_failures
 from server_app.outputs import RunRecorder
 from server_app.validation import check_arrays, check_num_examples, norm_outliers, update_norm
@@ -50,6 +51,18 @@ log = logging.getLogger("progfl")
 
 QUERY_CHUNK = 50
 """Nodes queried at once at start-up in simulation (see :meth:`FedAvgStrategy._query_all`)."""
+PER_ROUND_MAXIMA = (
+    P.PEAK_MB,
+    P.RSS_PEAK_MB,
+    P.STARTUP_SECONDS,
+    P.NODE_SECONDS,
+    P.RELAY_SECONDS,
+    P.OS_PEAK_MB,
+    P.OS_LIMIT_HIT,
+)
+"""Reply metrics whose largest value over a round's participants is recorded as ``max-<key>``."""
+DEPLOYED_EVALUATE_EVERY = 5
+"""``evaluate-every=0`` (auto) in deployment: a separate evaluate exchange every 5 rounds and at the end."""
 
 
 @dataclass
@@ -62,12 +75,17 @@ class NodeInfo:
     memory_mb: float = float("inf")
     speed_flops: float = 0.0
     rounds_trained: list[int] = field(default_factory=list)
+    oom_cap_mb: float = float("inf")  # below the modelled need of what the OS killed this node's worker on
 
     def update(self, metrics: dict) -> None:
-        """Take the monitor's memory budget (MB; -1 = unlimited) and speed (FLOP/s) from a reply."""
+        """Take the monitor's memory budget (MB; -1 = unlimited) and speed (FLOP/s) from a reply.
+
+        The budget never exceeds :attr:`oom_cap_mb`: a node whose worker was killed at its OS memory
+        limit keeps the lowered budget whatever it reports afterwards.
+        """
         if P.MEMORY_MB in metrics:
             mb = float(metrics[P.MEMORY_MB])
-            self.memory_mb = float("inf") if mb < 0 else mb
+            self.memory_mb = min(float("inf") if mb < 0 else mb, self.oom_cap_mb)
         if float(metrics.get(P.SPEED_FLOPS, 0.0)) > 0:
             self.speed_flops = float(metrics[P.SPEED_FLOPS])
 
@@ -106,7 +124,7 @@ class FedAvgStrategy(Strategy):
 
     name = "fedavg"
 
-    checkpoint_attrs: tuple[str, ...] = ("arrays", "sim_time", "_ever_eligible", "rejections")
+    checkpoint_attrs: tuple[str, ...] = ("arrays", "sim_time", "_ever_eligible", "rejections", "oom_kills")
     """Attributes saved in every checkpoint and set again on resume. Each class lists only its own;
     the lists along the MRO are joined. Values: JSON types, numpy arrays, sets, tuples, dicts, or
     objects with ``state_dict``/``from_state_dict`` (stage machine, pace controller, selector)."""
@@ -127,6 +145,8 @@ class FedAvgStrategy(Strategy):
         "_round_rejections",
         "_round_aggregated",
         "_connected",
+        "_sent_mb",
+        "deployed",
     )
     """Attributes not checkpointed: built from the run config, caches, per-round scratch (joined along
     the MRO like :attr:`checkpoint_attrs`). ``nodes`` is saved by partition id in the base state
@@ -152,6 +172,9 @@ class FedAvgStrategy(Strategy):
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self._round_rejections: list[tuple[int, str]] = []
         self.rejections: dict[str, int] = {}
+        self.oom_kills = 0
+        self._sent_mb: dict[int, float] = {}
+        self.deployed = False  # set by start(): True on a SuperLink's grid, False in simulation
 
     # ------------------------------------------------------------------ nodes and sampling
     def discover(self, grid: Grid) -> None:
@@ -230,8 +253,29 @@ class FedAvgStrategy(Strategy):
                 Message(RecordDict({P.CONFIG: ConfigRecord({P.ROUND: 0})}), nid, MessageType.QUERY)
                 for nid in node_ids[start : start + chunk]
             ]
-            replies.extend(grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+            replies.extend(self.exchange(grid, msgs))
         return replies
+
+    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        """Push messages, collect replies (deployment: pulled every ``poll-interval`` s, :mod:`server_app.exchange`)."""
+        timeout = self.cfg.round_timeout if timeout is None else timeout
+        return send_and_receive(grid, messages, timeout, self.cfg.poll_interval)
+
+    def evaluates_in(self, server_round: int, num_rounds: int) -> bool:
+        """Whether ``server_round`` has a separate federated-evaluation exchange (``evaluate-every``).
+
+        ``evaluate-every=0`` (auto): every round in simulation, where a message costs microseconds,
+        and every :data:`DEPLOYED_EVALUATE_EVERY` rounds in deployment, where each exchange waits on
+        Flower's polling; always in the last round. Rounds without it ask the participants for the
+        evaluation of the model they received in their training reply (``pre-eval``) instead.
+        """
+        every = self.cfg.evaluate_every or (DEPLOYED_EVALUATE_EVERY if self.deployed else 1)
+        if self.needs_every_evaluation:
+            every = 1
+        return server_round % every == 0 or server_round == num_rounds
+
+    needs_every_evaluation = False
+    """True for strategies whose decisions read the federated evaluation (TiFL's tier accuracies)."""
 
     # ------------------------------------------------------------------ resources
     enforces_budget = False  # FedAvg is the unconstrained reference: it ignores memory budgets
@@ -270,11 +314,38 @@ class FedAvgStrategy(Strategy):
             return sorted(self.nodes)
         return sorted(pid for pid, n in self.nodes.items() if n.node_id in self._connected)
 
+    def node_required_mb(self, partition_id: int) -> float:
+        """Modelled training memory (MB) of what this node would be sent now (strategies sizing per node override)."""
+        return self.required_mb()
+
     def eligible(self, server_round: int) -> list[int]:
-        """Partition ids that may train this round: connected nodes (FedAvg), and that fit the budget."""
+        """Partition ids that may train this round: connected nodes (FedAvg), and that fit the budget.
+
+        A node whose worker the OS killed at its memory limit on something of the size it would be
+        sent now is left out, also by strategies that ignore budgets (FedAvg).
+        """
+        pool = self.available()
+        pool = [p for p in pool if not (math.isfinite(self.nodes[p].oom_cap_mb) and not self._under_cap(p))]
         if not self.enforces_budget:
-            return self.available()
-        return [pid for pid in self.available() if self.fits(pid)]
+            return pool
+        return [pid for pid in pool if self.fits(pid)]
+
+    def _under_cap(self, partition_id: int) -> bool:
+        return self.node_required_mb(partition_id) <= self.nodes[partition_id].oom_cap_mb
+
+    def on_oom(self, server_round: int, partition_id: int, required_mb: float) -> None:
+        """The OS killed the node's worker at its memory limit: never send it this much again (MB, modelled)."""
+        node = self.nodes[partition_id]
+        node.oom_cap_mb = min(node.oom_cap_mb, required_mb * (1 - 1e-6))
+        node.memory_mb = min(node.memory_mb, node.oom_cap_mb)
+        self.oom_kills += 1
+        log.warning(
+            "round %d: node %d was killed by the OS at its memory limit on a sub-model of %.1f MB (modelled); "
+            "its budget is now below that and it is sent nothing of that size again",
+            server_round,
+            partition_id,
+            required_mb,
+        )
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids to train in ``server_round``: a seeded draw among the eligible.
@@ -380,7 +451,10 @@ class FedAvgStrategy(Strategy):
         self._round_bytes_down = 0
         cache: dict[tuple, ArrayRecord] = {}
         self._sent = {}
+        self._sent_mb = {}
         for pid in self._round_participants:
+            if self.deployed:  # what an OS memory limit may kill the node's worker on (modelled MB)
+                self._sent_mb[pid] = self.node_required_mb(pid)
             payload = self.train_payload(server_round, pid)
             self._sent[pid] = payload  # kept alive: the cache key holds the arrays' ids
             key = (tuple(payload), tuple(id(v) for v in payload.values()))
@@ -407,6 +481,7 @@ class FedAvgStrategy(Strategy):
         bytes_up = 0
         losses: list[tuple[float, float]] = []
         peaks: dict[str, list[float]] = {}
+        pre_eval: list[tuple[float, float, float]] = []
         replies = list(replies)
         by_node = {n.node_id: n for n in self.nodes.values()}
         succeeded: set[int] = set()
@@ -425,6 +500,8 @@ class FedAvgStrategy(Strategy):
                 continue
             if reply.has_error():
                 errors.append((node.partition_id, reply.error.reason))
+                if P.OOM_KILLED in reply.error.reason and node.partition_id in self._sent_mb:
+                    self.on_oom(server_round, node.partition_id, self._sent_mb[node.partition_id])
                 continue
             pid = node.partition_id
             if pid not in self._sent:
@@ -457,9 +534,12 @@ class FedAvgStrategy(Strategy):
             n = float(m[P.NUM_EXAMPLES])
             updates.append((arrays, n))
             losses.append((float(m[P.TRAIN_LOSS]), n))
-            for key in (P.PEAK_MB, P.RSS_PEAK_MB):
+            for key in PER_ROUND_MAXIMA:
                 if key in m:
                     peaks.setdefault(key, []).append(float(m[key]))
+            if P.PRE_EVAL_ACCURACY in m:
+                keys = (P.PRE_EVAL_LOSS, P.PRE_EVAL_ACCURACY, P.PRE_EVAL_EXAMPLES)
+                pre_eval.append(tuple(float(m[k]) for k in keys))  # type: ignore[arg-type]
             self.nodes[pid].rounds_trained.append(server_round)
             succeeded.add(pid)
             self.on_reply(server_round, pid, m)
@@ -478,6 +558,12 @@ class FedAvgStrategy(Strategy):
             "modelled-memory-mb": self.required_mb(),
         }
         metrics.update({f"max-{k}": max(v) for k, v in peaks.items()})
+        if self.oom_kills:
+            metrics["oom-kills"] = float(self.oom_kills)
+        examples = sum(r[2] for r in pre_eval)
+        if examples > 0:  # federated evaluation of the model the participants received (train replies)
+            metrics["pre-train-client-loss"] = sum(r[0] * r[2] for r in pre_eval) / examples
+            metrics["pre-train-client-accuracy"] = sum(r[1] * r[2] for r in pre_eval) / examples
         times = [self.completion_time(pid) for pid in succeeded]
         metrics["sim-round-seconds"] = round_time(times)
         self.sim_time += metrics["sim-round-seconds"]
@@ -610,6 +696,7 @@ class FedAvgStrategy(Strategy):
                     "memory-mb": n.memory_mb,
                     "speed-flops": n.speed_flops,
                     "rounds-trained": list(n.rounds_trained),
+                    "oom-cap-mb": n.oom_cap_mb if math.isfinite(n.oom_cap_mb) else -1.0,
                 }
                 for pid, n in sorted(self.nodes.items())
             },
@@ -656,6 +743,8 @@ class FedAvgStrategy(Strategy):
             node.memory_mb = float(info["memory-mb"])
             node.speed_flops = float(info["speed-flops"])
             node.rounds_trained = [int(r) for r in info["rounds-trained"]]
+            cap = float(info.get("oom-cap-mb", -1.0))  # absent in checkpoints before the OS limits
+            node.oom_cap_mb = cap if cap >= 0 else float("inf")
         new = sorted(set(self.nodes) - set(saved))
         if new:
             log.warning("resume: partitions %s were not in the checkpoint; sampling may differ from the original", new)
@@ -730,6 +819,7 @@ class FedAvgStrategy(Strategy):
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         result = Result()
+        self.deployed = not isinstance(grid, InMemoryGrid)
         self.summary()
         self.discover(grid)
         undeclared = self.undeclared_attrs()
@@ -750,10 +840,10 @@ class FedAvgStrategy(Strategy):
             self.discover(grid)
             self.before_round(grid, rnd)
             info = self.round_info(rnd)
+            evaluates = self.evaluates_in(rnd, num_rounds)
+            round_config = train_config if evaluates else ConfigRecord({**dict(train_config), P.PRE_EVAL: True})
             for attempt in range(self.cfg.round_retries + 1):
-                replies = grid.send_and_receive(
-                    self.configure_train(rnd, ArrayRecord(), train_config, grid), timeout=timeout
-                )
+                replies = self.exchange(grid, self.configure_train(rnd, ArrayRecord(), round_config, grid), timeout)
                 agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
                 if agg_arrays is not None or not self._round_participants:
                     break
@@ -765,10 +855,10 @@ class FedAvgStrategy(Strategy):
                 result.arrays = agg_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
-            eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid))
-            client_metrics = (
-                self.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=timeout)) if eval_msgs else None
-            )
+            eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid)) if evaluates else []
+            client_metrics = None
+            if eval_msgs:
+                client_metrics = self.aggregate_evaluate(rnd, self.exchange(grid, eval_msgs, timeout))
             if client_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = client_metrics
             loss, acc = self.evaluate_server()

@@ -7,7 +7,7 @@ import math
 import pytest
 from flwr.app import Context, RecordDict
 
-import client_app.app as client
+import client_app.handlers as client
 from common.config import parse_run_config
 from common.data import client_data
 from common.devices import simulated_device

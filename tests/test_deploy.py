@@ -133,7 +133,7 @@ def test_client_reads_the_dataset_from_the_nodes_data_path(tmp_path: Path) -> No
     from flwr.app import Context, RecordDict
     from flwr.common.config import flatten_dict
 
-    from client_app.app import _setup
+    from client_app.handlers import _setup
 
     rng = np.random.default_rng(0)
     local = tmp_path / "device-copy.npz"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client_app.app import _build
+from client_app.handlers import _build
 from common import protocol as P
 from common.config import ConfigError, parse_run_config
 from common.fedll import (

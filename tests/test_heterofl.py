@@ -9,7 +9,7 @@ import torch
 from conftest import strategy_with_nodes
 from flwr.app import ConfigRecord
 
-from client_app.app import _build, _required_mb
+from client_app.handlers import _build, _required_mb
 from common import protocol as P
 from common.config import parse_run_config
 from common.heterofl import (

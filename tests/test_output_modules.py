@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client_app.app import _build
+from client_app.handlers import _build
 from common.config import parse_run_config
 from common.models import MODEL_NAMES, build_model
 from common.output_modules import StageModel, build_output_module, build_output_modules, stage_prefixes

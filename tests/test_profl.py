@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client_app.app import _build, _required_mb
+from client_app.handlers import _build, _required_mb
 from common import protocol as P
 from common.config import ConfigError, parse_run_config
 from common.memory import measure_training_peak, stage_memory

@@ -1,0 +1,319 @@
+"""A node's warm worker: one long-lived process that handles every message the node's ClientApps relay.
+
+Flower 1.41 starts a fresh ``flwr-clientapp`` process per message (its issue #3670, a persistent
+ClientApp, is open), so without this every message pays Python start-up, ``import torch``, the
+dataset load and partitioning and the model build. The worker keeps them: torch stays imported,
+:mod:`client_app.handlers`' caches (data partition, model skeletons, output modules) stay warm, and
+each run's ``context.state`` (the frozen blocks SmartFreeze and FedLL keep on the node) lives here.
+
+``python -m client_app.worker --socket PATH [--memory-mb MB] [--name N]`` is the **supervisor**
+(started by ``run.sh deploy supernode`` next to ``flower-supernode``, and by ``deploy-local``): it
+imports no torch, starts the serving process (``--serve``), puts it under the OS memory limit
+(:mod:`common.oslimit`; the mechanism in force, or why none could be set, is logged at start-up),
+restarts it whenever it exits, and records each death and its cause (exit code, signal, an
+out-of-memory kill at the limit) in ``PATH.deaths`` (JSON lines) for the ClientApp that was waiting
+on it (:func:`client_app.relay.death_of`). SIGTERM / SIGINT stop the worker, release the limit and
+remove the socket, token and pid files.
+
+Serving is one connection per message, one message at a time (a SuperNode processes one message at
+a time); the protocol and what it refuses are in :mod:`common.wire`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import protocol as P
+from common import wire
+
+log = logging.getLogger("progfl.worker")
+
+IO_TIMEOUT = 120.0
+"""Seconds a connection may stall mid-frame before the worker drops it."""
+KEEP_RUNS = 2
+"""Runs whose node state (frozen blocks) the worker keeps; older ones are dropped."""
+RESTART_DELAYS = (0.0, 1.0, 2.0, 5.0, 10.0)
+"""Seconds before each restart of a worker that keeps dying within a minute of its start."""
+LIMIT_ENV = "PROGFL_WORKER_CGROUP"
+"""Environment variable naming the worker's cgroup folder (for its peak and limit-hit counters)."""
+
+
+# ---------------------------------------------------------------- serving process
+def _prepare_socket(path: Path) -> socket.socket:
+    """Bind ``path`` (mode 0600, folder 0700); a stale socket is replaced, anything else is refused."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise wire.WireError(f"{path} exists and is not a socket: refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: a stale socket of a worker that died
+        else:
+            probe.close()
+            raise wire.WireError(f"another worker is already listening at {path}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
+class Server:
+    """The serving loop's state: token, per-run contexts, frame limit."""
+
+    def __init__(self, socket_path: Path, max_mb: float) -> None:
+        self.path = socket_path
+        self.max_mb = max_mb
+        self.contexts: dict[int, Any] = {}
+        self.token = b""
+        self.served = 0
+
+    def context(self, run_id: int, node_config: dict[str, Any], run_config: dict[str, Any]) -> Any:
+        """The run's Context (its state persists across messages); config refreshed from the message."""
+        from flwr.app import Context, RecordDict
+
+        ctx = self.contexts.get(run_id)
+        if ctx is None:
+            ctx = Context(run_id, 0, dict(node_config), RecordDict(), dict(run_config))
+            self.contexts[run_id] = ctx
+            for old in list(self.contexts)[:-KEEP_RUNS]:
+                del self.contexts[old]
+        else:
+            ctx.node_config, ctx.run_config = dict(node_config), dict(run_config)
+        return ctx
+
+    def handle(self, conn: socket.socket) -> None:
+        """One connection: handshake, request, reply. Bad input is refused and logged; nothing runs on it."""
+        from client_app.handlers import HANDLERS
+        from client_app.relay import code_digest, from_wire, to_wire
+
+        conn.settimeout(IO_TIMEOUT)
+        header: dict[str, Any] = {}
+        try:
+            peer = wire.check_peer(conn)
+            hello, _ = wire.recv_frame(conn, max_mb=0)
+            wire.expect(hello, "hello")
+            mine = wire.nonce()
+            answer = wire.proof(self.token, "worker", str(hello.get("nonce")))
+            wire.send_frame(
+                conn, {"kind": "hello", "version": wire.VERSION, "pid": os.getpid(), "nonce": mine, "proof": answer}
+            )
+
+            def check(h: dict[str, Any]) -> None:
+                wire.expect(h, "request")
+                wire.verify(self.token, h.get("proof"), "client", mine, str(h.get("message_id")))
+
+            header, arrays = wire.recv_frame(conn, max_mb=self.max_mb, check=check)
+        except (wire.WireError, ConnectionError, OSError, ValueError) as exc:
+            log.warning("refused a connection: %s", exc)
+            with contextlib.suppress(OSError):
+                wire.send_frame(conn, {"kind": "error", "version": wire.VERSION, "error": str(exc)})
+            return
+        t0 = time.perf_counter()
+        mid = str(header.get("message_id"))
+        kind = header.get("message_type")
+        try:
+            if header.get("code") != code_digest():
+                raise wire.WireError(
+                    f"the run's app code (digest {header.get('code')!r}) differs from this worker's "
+                    f"({code_digest()!r}, {Path(__file__).resolve().parents[1]}): update the device's checkout "
+                    "to the run's commit, or start the SuperNode with --no-worker"
+                )
+            if kind not in HANDLERS:
+                raise wire.WireError(f"message_type={kind!r}; valid: {sorted(HANDLERS)}")
+            content = from_wire(header.get("records", {}), arrays)
+            run_id = int(header.get("run_id", 0))
+            ctx = self.context(run_id, dict(header.get("node_config", {})), dict(header.get("run_config", {})))
+            reply = HANDLERS[kind](content, ctx)
+            if P.METRICS in reply:
+                reply[P.METRICS] = _with_limit_metrics(reply[P.METRICS])
+            table, out = to_wire(reply)
+            doc = {"kind": "reply", "version": wire.VERSION, "message_id": mid, "ok": True, "records": table}
+        except Exception as exc:  # the handler's failure is the reply's, as in Flower's own ClientApp
+            log.warning("%s message %s (peer pid %d) failed: %s: %s", kind, mid, peer, type(exc).__name__, exc)
+            doc = {"kind": "reply", "version": wire.VERSION, "message_id": mid, "ok": False}
+            doc["error"] = f"{type(exc).__name__}: {exc}"
+            out = {}
+        doc["seconds"] = time.perf_counter() - t0
+        try:
+            wire.send_frame(conn, doc, out)
+        except OSError as exc:
+            log.warning("could not send the reply to message %s: %s", mid, exc)
+        self.served += 1
+
+
+def _with_limit_metrics(metrics: Any) -> Any:
+    """Add the OS limit's figures to a reply's metrics: limit, peak since the last message, limit hit (0/1)."""
+    folder = os.environ.get(LIMIT_ENV)
+    if not folder:
+        return metrics
+    from flwr.app import MetricRecord
+
+    from common.oslimit import LimitError, attach
+
+    try:
+        limit = attach(Path(folder))
+        values = {
+            **dict(metrics),
+            P.OS_LIMIT_MB: limit.limit_mb,
+            P.OS_PEAK_MB: limit.peak_mb(),
+            P.OS_LIMIT_HIT: float(limit.limit_hit()),
+        }
+        limit.reset_counters()
+    except (OSError, ValueError, LimitError) as exc:
+        log.warning("could not read the memory limit's counters at %s: %s", folder, exc)
+        return metrics
+    return MetricRecord(values)
+
+
+def serve(socket_path: Path, max_mb: float = wire.DEFAULT_MAX_MB) -> None:
+    """Bind the socket, then import torch and the handlers, then answer messages until SIGTERM."""
+    server = Server(socket_path, max_mb)
+    sock = _prepare_socket(socket_path)  # bound first: a ClientApp arriving now waits in the backlog
+    server.token = wire.new_token(socket_path)
+    wire.pid_path(socket_path).write_text(f"{os.getpid()}\n")
+    t0 = time.perf_counter()
+    import client_app.handlers  # noqa: F401  (torch, the models, the data code: once per worker)
+
+    log.info("worker pid %d ready at %s (imports %.1f s)", os.getpid(), socket_path, time.perf_counter() - t0)
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        sock.close()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            break
+        with conn:
+            server.handle(conn)
+
+
+# ---------------------------------------------------------------- supervisor
+def _cause(returncode: int, limit: Any, oom_before: int) -> str:
+    """Why the serving process ended, in words (the OOM killer at the limit named as such)."""
+    if returncode < 0:
+        sig = signal.Signals(-returncode).name
+        if limit is not None and limit.oom_kills() > oom_before:
+            return (
+                f"{P.OOM_KILLED}: the OS killed the worker ({sig}) at its memory limit of {limit.limit_mb:.0f} MB "
+                f"({limit.mechanism}; peak {limit.peak_mb():.0f} MB)"
+            )
+        return f"killed by {sig}"
+    return f"exited with code {returncode}"
+
+
+def supervise(socket_path: Path, memory_mb: float | None, name: str, max_mb: float) -> int:
+    """Run the serving process, under the memory limit when given, restarting it until stopped."""
+    from common import oslimit
+
+    deaths = Path(f"{socket_path}.deaths")
+    deaths.unlink(missing_ok=True)  # a record per death of this supervisor's workers
+    limit = None
+    if memory_mb is not None:
+        try:
+            limit = oslimit.create_limit(memory_mb, name)
+            log.info("%s", limit.describe())
+        except (oslimit.LimitError, ValueError) as exc:
+            log.warning("NO OS memory limit in force (%s); the budget of %.0f MB is only modelled", exc, memory_mb)
+    else:
+        log.info("no memory limit asked (--memory-mb): the worker may use what the device has")
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    restarts = 0
+    env = dict(os.environ)
+    if limit is not None:
+        env[LIMIT_ENV] = str(limit.path)
+    enter = None if limit is None else (lambda: limit.add(os.getpid()))  # in the child, before exec: all charged
+    try:
+        while not stopping:
+            cmd = [sys.executable, "-m", "client_app.worker", "--serve", "--socket", str(socket_path)]
+            cmd += ["--max-mb", str(max_mb)]
+            oom_before = limit.oom_kills() if limit is not None else 0
+            child = subprocess.Popen(cmd, env=env, preexec_fn=enter, process_group=0)
+            log.info("worker pid %d started", child.pid)
+            started = time.monotonic()
+            code = child.wait()
+            if stopping:
+                break
+            cause = _cause(code, limit, oom_before)
+            record = {"pid": child.pid, "returncode": code, "cause": cause, "time": time.time()}
+            with deaths.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.warning("worker pid %d %s; restarting", child.pid, cause)
+            quick = time.monotonic() - started < 60
+            restarts = restarts + 1 if quick else 0
+            time.sleep(RESTART_DELAYS[min(restarts, len(RESTART_DELAYS) - 1)] if quick else 0.0)
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if limit is not None:
+            try:
+                limit.release()
+            except oslimit.LimitError as exc:
+                log.warning("%s", exc)
+        for path in (socket_path, wire.token_path(socket_path), wire.pid_path(socket_path)):
+            path.unlink(missing_ok=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: the supervisor (default) or, with ``--serve``, the serving process it starts."""
+    parser = argparse.ArgumentParser(description="a node's warm worker for the ClientApp")
+    parser.add_argument("--socket", required=True, help="Unix socket path (absolute; its folder becomes 0700)")
+    parser.add_argument("--memory-mb", type=float, default=None, help="OS memory limit of the worker, MB")
+    parser.add_argument("--name", default="worker", help="name of the worker's cgroup (progfl-<name>)")
+    parser.add_argument("--max-mb", type=float, default=wire.DEFAULT_MAX_MB, help="largest frame body, MB")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[worker] %(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    path = Path(args.socket).expanduser()
+    if not path.is_absolute() or len(str(path).encode()) > 107:
+        parser.error(f"--socket {args.socket!r} must be an absolute path of at most 107 bytes")
+    if args.memory_mb is not None and not args.memory_mb > 0:
+        parser.error(f"--memory-mb {args.memory_mb:g} must be a positive number of MB")
+    if args.serve:
+        serve(path, args.max_mb)
+        return 0
+    return supervise(path, args.memory_mb, args.name, args.max_mb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
