@@ -133,6 +133,16 @@ def death_of(socket_path: str | Path, pid: int, wait: float = DEATH_WAIT) -> str
         time.sleep(0.1)
 
 
+def _pending_refusal(sock: socket.socket) -> str | None:
+    """The error frame a worker sent before closing, if one is waiting on ``sock`` (else None)."""
+    try:
+        sock.settimeout(1.0)
+        header, _ = wire.recv_frame(sock, max_mb=0)
+    except (OSError, ConnectionError, wire.WireError, ValueError):
+        return None
+    return str(header.get("error")) if header.get("kind") == "error" else None
+
+
 def _refused(header: Mapping[str, Any]) -> None:
     """Raise the worker's refusal (an ``error`` frame) as :class:`common.wire.WireError`."""
     if header.get("kind") == "error":
@@ -220,6 +230,9 @@ def forward(
             wire.send_frame(sock, request, arrays)
             header, reply_arrays = wire.recv_frame(sock, max_mb=max_mb)
         except (TimeoutError, ConnectionError) as exc:
+            refusal = _pending_refusal(sock)
+            if refusal is not None:  # the worker refused the request after its header and closed
+                raise wire.WireError(f"the worker refused this message: {refusal}") from None
             cause = death_of(socket_path, pid)
             raise WorkerFailure(
                 f"worker pid {pid} at {socket_path} stopped during this {message_type} message: "

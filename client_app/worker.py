@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -50,32 +51,6 @@ LIMIT_ENV = "PROGFL_WORKER_CGROUP"
 
 
 # ---------------------------------------------------------------- serving process
-def _prepare_socket(path: Path) -> socket.socket:
-    """Bind ``path`` (mode 0600, folder 0700); a stale socket is replaced, anything else is refused."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    if path.exists() or path.is_symlink():
-        if not path.is_socket():
-            raise wire.WireError(f"{path} exists and is not a socket: refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # nobody listens: a stale socket of a worker that died
-        else:
-            probe.close()
-            raise wire.WireError(f"another worker is already listening at {path}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(16)
-    return sock
-
-
 class Server:
     """The serving loop's state: token, per-run contexts, frame limit."""
 
@@ -122,7 +97,7 @@ class Server:
                 wire.verify(self.token, h.get("proof"), "client", mine, str(h.get("message_id")))
 
             header, arrays = wire.recv_frame(conn, max_mb=self.max_mb, check=check)
-        except (wire.WireError, ConnectionError, OSError, ValueError) as exc:
+        except Exception as exc:  # whatever a peer sends, the worker answers and keeps serving
             log.warning("refused a connection: %s", exc)
             with contextlib.suppress(OSError):
                 wire.send_frame(conn, {"kind": "error", "version": wire.VERSION, "error": str(exc)})
@@ -141,7 +116,8 @@ class Server:
                 raise wire.WireError(f"message_type={kind!r}; valid: {sorted(HANDLERS)}")
             content = from_wire(header.get("records", {}), arrays)
             run_id = int(header.get("run_id", 0))
-            ctx = self.context(run_id, dict(header.get("node_config", {})), dict(header.get("run_config", {})))
+            node_config = _budget_left(dict(header.get("node_config", {})))
+            ctx = self.context(run_id, node_config, dict(header.get("run_config", {})))
             reply = HANDLERS[kind](content, ctx)
             if P.METRICS in reply:
                 reply[P.METRICS] = _with_limit_metrics(reply[P.METRICS])
@@ -158,6 +134,28 @@ class Server:
         except OSError as exc:
             log.warning("could not send the reply to message %s: %s", mid, exc)
         self.served += 1
+
+
+def _budget_left(node_config: dict[str, Any]) -> dict[str, Any]:
+    """Under an OS limit, the node's ``memory-mb`` is what the limit leaves now (MB): limit - charged.
+
+    The runtime itself (torch, the data partition, cached skeletons: ~390 MB for ResNet10 on CIFAR-10
+    here) is charged to the limit before any training; what the device can give a sub-model is the
+    rest, and that is what the selector must compare with the modelled need.
+    """
+    folder = os.environ.get(LIMIT_ENV)
+    if not folder:
+        return node_config
+    from common.oslimit import LimitError, attach
+
+    try:
+        limit = attach(Path(folder))
+        left = limit.limit_mb - limit.usage_mb()
+    except (OSError, ValueError, LimitError) as exc:
+        log.warning("could not read the memory limit at %s: %s", folder, exc)
+        return node_config
+    declared = float(node_config.get("memory-mb", math.inf))
+    return {**node_config, "memory-mb": round(max(1.0, min(declared, left)), 1)}
 
 
 def _with_limit_metrics(metrics: Any) -> Any:
@@ -187,8 +185,9 @@ def _with_limit_metrics(metrics: Any) -> Any:
 def serve(socket_path: Path, max_mb: float = wire.DEFAULT_MAX_MB) -> None:
     """Bind the socket, then import torch and the handlers, then answer messages until SIGTERM."""
     server = Server(socket_path, max_mb)
-    sock = _prepare_socket(socket_path)  # bound first: a ClientApp arriving now waits in the backlog
-    server.token = wire.new_token(socket_path)
+    wire.owner_only_folder(socket_path.parent)
+    server.token = wire.new_token(socket_path)  # before the bind: a client never reads a dead worker's token
+    sock = wire.bind_owner_only(socket_path)  # bound before the imports: a ClientApp arriving now waits
     wire.pid_path(socket_path).write_text(f"{os.getpid()}\n")
     t0 = time.perf_counter()
     import client_app.handlers  # noqa: F401  (torch, the models, the data code: once per worker)
@@ -268,6 +267,7 @@ def supervise(socket_path: Path, memory_mb: float | None, name: str, max_mb: flo
             code = child.wait()
             if stopping:
                 break
+            wire.token_path(socket_path).unlink(missing_ok=True)  # the dead worker's: no client may use it
             cause = _cause(code, limit, oom_before)
             record = {"pid": child.pid, "returncode": code, "cause": cause, "time": time.time()}
             with deaths.open("a") as f:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import socket
@@ -139,18 +140,56 @@ def nonce() -> str:
     return secrets.token_hex(16)
 
 
+def owner_only_folder(folder: Path) -> None:
+    """Create ``folder`` with mode 0700 if missing; an existing one must be this user's and owner-only."""
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+    _owner_only(folder, "socket folder")
+
+
+def bind_owner_only(path: Path) -> socket.socket:
+    """Bind ``path`` (mode 0600) in an owner-only folder; a stale socket is replaced, anything else is refused.
+
+    A missing folder is created with mode 0700; an existing one must already be this user's and
+    owner-only (a shared folder such as ``/tmp`` is refused, never changed).
+    """
+    owner_only_folder(path.parent)
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise WireError(f"{path} exists and is not a socket: refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: a stale socket of a worker that died
+        else:
+            probe.close()
+            raise WireError(f"another worker is already listening at {path}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
 # ---------------------------------------------------------------- frames
 def encode(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | memoryview]:
     """The parts of one frame (send them in order): prefix, header JSON, each array's bytes."""
     table, buffers = [], []
     for name, value in (arrays or {}).items():
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
         if arr.dtype.byteorder == ">" and arr.dtype.kind in "fiu":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         if arr.dtype.str not in DTYPES:
             raise WireError(f"array {name!r} has dtype {arr.dtype}; a frame carries only {sorted(DTYPES)}")
         table.append([str(name), arr.dtype.str, list(arr.shape)])
-        buffers.append(memoryview(arr).cast("B") if arr.nbytes else b"")
+        buffers.append(memoryview(arr.reshape(-1)).cast("B") if arr.nbytes else b"")
     head = json.dumps({**header, "arrays": table}, separators=(",", ":"), allow_nan=True).encode()
     if len(head) > MAX_HEADER_BYTES:
         raise WireError(f"frame header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
@@ -195,7 +234,9 @@ def _array_table(header: Mapping[str, Any], body_len: int) -> list[tuple[str, np
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise WireError(f"frame array {name!r} has shape {shape!r}; expected non-negative integers")
         dt = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize if shape else dt.itemsize
+        nbytes = math.prod(shape) * dt.itemsize  # Python integers: a huge shape cannot wrap around
+        if nbytes > body_len:
+            raise WireError(f"frame array {name!r} has shape {shape!r}: {nbytes} B, more than the body's {body_len}")
         rows.append((name, dt, tuple(shape), nbytes))
         total += nbytes
     if total != body_len:

@@ -22,6 +22,8 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from common import protocol as P
+
 log = logging.getLogger("progfl")
 
 
@@ -45,3 +47,26 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | N
             break
         time.sleep(interval)
     return replies
+
+
+def exchange_timing(seconds: float, replies: list[Message]) -> dict[str, float]:
+    """One exchange's wall time and its slowest node's figures (s): node-side handler and ClientApp start-up."""
+    node, startup = 0.0, 0.0
+    for reply in replies:
+        if reply.has_error() or P.METRICS not in reply.content:
+            continue
+        m = reply.content[P.METRICS]
+        node = max(node, float(m.get(P.NODE_SECONDS, 0.0)))
+        startup = max(startup, float(m.get(P.STARTUP_SECONDS, 0.0)))
+    return {"seconds": seconds, "node": node, "startup": startup}
+
+
+def round_timing(exchanges: list[dict[str, float]]) -> dict[str, float]:
+    """A round's exchanges summed (s): ``exchange-seconds`` (push to last reply), ``node-seconds-critical``
+    and ``startup-seconds-critical`` (per exchange its slowest node, summed), ``exchanges`` (count)."""
+    return {
+        "exchanges": float(len(exchanges)),
+        "exchange-seconds": sum(e["seconds"] for e in exchanges),
+        "node-seconds-critical": sum(e["node"] for e in exchanges),
+        "startup-seconds-critical": sum(e["startup"] for e in exchanges),
+    }

@@ -42,7 +42,7 @@ from common.memory import stage_memory
 from common.models import BlockModel, build_model
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app import checkpoint as ckpt
-from server_app.exchange import send_and_receive
+from server_app.exchange import exchange_timing, round_timing, send_and_receive
 from server_app.failures import group_failures
 from server_app.outputs import RunRecorder
 from server_app.validation import check_arrays, check_num_examples, norm_outliers, update_norm
@@ -124,7 +124,7 @@ class FedAvgStrategy(Strategy):
 
     name = "fedavg"
 
-    checkpoint_attrs: tuple[str, ...] = ("arrays", "sim_time", "_ever_eligible", "rejections", "oom_kills")
+    checkpoint_attrs: tuple[str, ...] = ("arrays", "sim_time", "_ever_eligible", "rejections")
     """Attributes saved in every checkpoint and set again on resume. Each class lists only its own;
     the lists along the MRO are joined. Values: JSON types, numpy arrays, sets, tuples, dicts, or
     objects with ``state_dict``/``from_state_dict`` (stage machine, pace controller, selector)."""
@@ -147,6 +147,8 @@ class FedAvgStrategy(Strategy):
         "_connected",
         "_sent_mb",
         "deployed",
+        "_exchanges",
+        "oom_kills",
     )
     """Attributes not checkpointed: built from the run config, caches, per-round scratch (joined along
     the MRO like :attr:`checkpoint_attrs`). ``nodes`` is saved by partition id in the base state
@@ -175,6 +177,7 @@ class FedAvgStrategy(Strategy):
         self.oom_kills = 0
         self._sent_mb: dict[int, float] = {}
         self.deployed = False  # set by start(): True on a SuperLink's grid, False in simulation
+        self._exchanges: list[dict[str, float]] = []  # this round's message exchanges (timing)
 
     # ------------------------------------------------------------------ nodes and sampling
     def discover(self, grid: Grid) -> None:
@@ -259,7 +262,10 @@ class FedAvgStrategy(Strategy):
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         """Push messages, collect replies (deployment: pulled every ``poll-interval`` s, :mod:`server_app.exchange`)."""
         timeout = self.cfg.round_timeout if timeout is None else timeout
-        return send_and_receive(grid, messages, timeout, self.cfg.poll_interval)
+        start = time.monotonic()
+        replies = send_and_receive(grid, messages, timeout, self.cfg.poll_interval)
+        self._exchanges.append(exchange_timing(time.monotonic() - start, replies))
+        return replies
 
     def evaluates_in(self, server_round: int, num_rounds: int) -> bool:
         """Whether ``server_round`` has a separate federated-evaluation exchange (``evaluate-every``).
@@ -837,6 +843,7 @@ class FedAvgStrategy(Strategy):
         t_start = time.monotonic() - elapsed
         for rnd in range(first, num_rounds + 1):
             t_round = time.monotonic()
+            self._exchanges = []
             self.discover(grid)
             self.before_round(grid, rnd)
             info = self.round_info(rnd)
@@ -873,6 +880,7 @@ class FedAvgStrategy(Strategy):
                 **self._round_train_metrics,
                 "participant-ids": list(self._round_succeeded),
                 "round-seconds": now - t_round,
+                **round_timing(self._exchanges),
                 "wall-seconds": now - t_start,
             }
             row.update(self.end_round(rnd))

@@ -25,17 +25,27 @@ class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return self.ids
 
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        """Deployment's push: every message gets its reply at once (pulled by :meth:`pull_messages`)."""
         self.batches.append(len(messages))
-        replies = []
+        self.replies: dict[str, Message] = getattr(self, "replies", {})
+        ids = []
         for i, msg in enumerate(messages):
-            msg.metadata.__dict__["_message_id"] = f"m{len(self.batches)}-{i}"
+            mid = f"m{len(self.batches)}-{i}"
+            msg.metadata.__dict__["_message_id"] = mid
             nid = msg.metadata.dst_node_id
             metrics = {P.PARTITION_ID: nid - 1000, P.NUM_EXAMPLES: 5, P.MEMORY_MB: -1.0, P.SPEED_FLOPS: 1e9}
             reply = Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = nid
-            replies.append(reply)
-        return replies
+            self.replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
 
 
 class FakeSimulationGrid(FakeGrid, InMemoryGrid):
