@@ -13,6 +13,8 @@ export FLWR_HOME="$ROOT/.flwr"
 FLWR_BASE="$FLWR_HOME"
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# Flower's SuperExec looks for apps to launch every 1 s by default; 0.1 s costs a local request each time
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
 export RAY_DEDUP_LOGS=0
 export RAY_USAGE_STATS_ENABLED=0
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
@@ -43,10 +45,12 @@ Commands:
   test [pytest args]  run the test suite (all tests, including end-to-end runs)
   test-fast           unit tests only (-m "not slow")
   deploy-local [--nodes N] [--run-config "k=v ..."] [--overwrite] [--memory-mb MB[,MB...]] [--no-worker]
+               [--no-launcher]
                       one federated run over the network on localhost: a SuperLink and
                       N SuperNodes (default 2), each with its warm worker, started and
                       stopped by this script; --memory-mb: each node's budget, enforced by
-                      the OS on its worker where the machine allows (one value, or one per node)
+                      the OS on its worker where the machine allows (one value, or one per node);
+                      --no-worker / --no-launcher: Flower's plain per-message processes (to compare)
   deploy superlink [--host H] [--port P] [--certs DIR | --insecure] [--auth-keys KEY.pub|DIR ...]
                    [--database F]
                       the SuperLink in the foreground (default 0.0.0.0:9091, TLS with DIR/ca.crt,
@@ -54,7 +58,7 @@ Commands:
                       authentication and registers the keys (make all with scripts/make_certs.sh)
   deploy supernode --superlink HOST:PORT --partition-id I --num-partitions N [--memory-mb MB]
                    [--data-path F] [--certs DIR | --root-cert F | --insecure] [--auth-key F]
-                   [--node-config "k=v ..."] [--host H] [--port P] [--no-worker]
+                   [--node-config "k=v ..."] [--host H] [--port P] [--no-worker] [--no-launcher]
                       a SuperNode in the foreground (one per device) with its warm worker
                       (client_app/worker.py: torch, data and models stay loaded between
                       messages); --memory-mb: the budget, and the OS memory limit of the
@@ -404,7 +408,7 @@ cmd_run() {
 }
 
 cmd_deploy_local() {
-  local nodes=2 rcs=() memlist="" worker=1
+  local nodes=2 rcs=() memlist="" worker=1 launcher=1
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --run-config) rcs+=("$2"); shift 2 ;;
@@ -412,7 +416,8 @@ cmd_deploy_local() {
       --nodes) nodes="$2"; shift 2 ;;
       --memory-mb) memlist="$2"; shift 2 ;;
       --no-worker) worker=0; shift ;;
-      *) die "deploy-local: unknown option '$1' (valid: --run-config, --overwrite, --nodes, --memory-mb, --no-worker)" ;;
+      --no-launcher) launcher=0; shift ;;
+      *) die "deploy-local: unknown option '$1' (valid: --run-config, --overwrite, --nodes, --memory-mb, --no-worker, --no-launcher)" ;;
     esac
   done
   [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
@@ -447,8 +452,10 @@ cmd_deploy_local() {
       start_worker "$FLWR_HOME/worker-$i.log" "$sock" "node$i-$$" "$mem"
       node_config+=" worker-socket=\"$sock\""
     fi
-    start_bg "$FLWR_HOME/supernode-$i.log" flower-supernode --insecure --superlink "127.0.0.1:$port" \
-      --node-config "$node_config" --host 127.0.0.1 --port "$(free_port)"
+    LAUNCH_ENV=()
+    [[ "$launcher" -eq 1 ]] && start_launcher "$FLWR_HOME/launchers/node-$i" "$FLWR_HOME/launcher-$i.log"
+    start_bg "$FLWR_HOME/supernode-$i.log" env "${LAUNCH_ENV[@]+"${LAUNCH_ENV[@]}"}" flower-supernode --insecure \
+      --superlink "127.0.0.1:$port" --node-config "$node_config" --host 127.0.0.1 --port "$(free_port)"
   done
   write_connection deploy "$port"
   flwr_run deploy "$overrides"
@@ -458,11 +465,25 @@ cmd_deploy_local() {
 # background), under an OS memory limit of MEMORY_MB where the machine allows it
 start_worker() {
   local logfile="$1" sock="$2" name="$3" mem="${4:-}" args=()
-  args=(--socket "$sock" --name "$name")
+  args=(--socket "$sock" --name "$name" --parent-pid "$$")
   [[ -n "$mem" ]] && args+=(--memory-mb "$mem")
   mkdir -p "$(dirname "$sock")"
   chmod 700 "$(dirname "$sock")"
   start_bg "$logfile" env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m client_app.worker "${args[@]}"
+}
+
+# start_launcher DIR LOGFILE: pre-imported flwr-clientapp processes for one SuperNode (client_app/launcher.py):
+# writes the flwr-clientapp shim into DIR/shim and sets LAUNCH_ENV, the environment to start the SuperNode with
+start_launcher() {
+  local dir="$1" logfile="$2" real
+  real="$(command -v flwr-clientapp)" || die "flwr-clientapp is not on PATH (run ./run.sh setup)"
+  mkdir -p "$dir"
+  chmod 700 "$dir"
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m client_app.launcher --write-shim "$dir/shim" >/dev/null ||
+    die "could not write the flwr-clientapp shim into $dir/shim"
+  start_bg "$logfile" env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m client_app.launcher --socket "$dir/launcher.sock" \
+    --parent-pid "$$"
+  LAUNCH_ENV=(PATH="$dir/shim:$PATH" PROGFL_LAUNCHER_SOCKET="$dir/launcher.sock" PROGFL_REAL_CLIENTAPP="$real")
 }
 
 # ---------------------------------------------------------------- deploy (real devices)
@@ -614,7 +635,7 @@ deploy_superlink() {
 
 deploy_supernode() {
   local superlink="" pid_="" nparts="" memory="" data="" extra="" certs="" ca="" key="" insecure=0
-  local host=127.0.0.1 port="" worker=1
+  local host=127.0.0.1 port="" worker=1 launcher=1
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --superlink) superlink="$2"; shift 2 ;;
@@ -630,7 +651,8 @@ deploy_supernode() {
       --host) host="$2"; shift 2 ;;
       --port) port="$2"; shift 2 ;;
       --no-worker) worker=0; shift ;;
-      *) die "deploy supernode: unknown option '$1' (valid: --superlink, --partition-id, --num-partitions, --memory-mb, --data-path, --node-config, --certs, --root-cert, --auth-key, --insecure, --host, --port, --no-worker)" ;;
+      --no-launcher) launcher=0; shift ;;
+      *) die "deploy supernode: unknown option '$1' (valid: --superlink, --partition-id, --num-partitions, --memory-mb, --data-path, --node-config, --certs, --root-cert, --auth-key, --insecure, --host, --port, --no-worker, --no-launcher)" ;;
     esac
   done
   [[ -n "$superlink" ]] || die "deploy supernode: --superlink HOST:PORT is required"
@@ -667,8 +689,13 @@ deploy_supernode() {
     start_worker "$FLWR_HOME/worker.log" "$sock" "supernode-$port" "$memory"
     log "warm worker pid $LAST_PID at $sock (log: $FLWR_HOME/worker.log)"
   fi
+  LAUNCH_ENV=()
+  if [[ "$launcher" -eq 1 ]]; then
+    start_launcher "$FLWR_HOME/launcher" "$FLWR_HOME/launcher.log"
+    log "flwr-clientapp launcher pid $LAST_PID (log: $FLWR_HOME/launcher.log)"
+  fi
   # in the foreground, but as a child: the EXIT trap then stops the worker when the SuperNode ends
-  "${args[@]}" &
+  env "${LAUNCH_ENV[@]+"${LAUNCH_ENV[@]}"}" "${args[@]}" &
   STARTED_PIDS+=("$!")
   local rc=0
   wait "$!" || rc=$?

@@ -156,15 +156,21 @@ def _launch(conn: socket.socket, listener: socket.socket) -> None:
     conn.close()
 
 
-def serve(socket_path: Path) -> None:
-    """Import Flower's ClientApp runtime once, then fork one ClientApp process per shim request."""
+def serve(socket_path: Path, parent_pid: int | None = None) -> None:
+    """Import Flower's ClientApp runtime once, then fork one ClientApp process per shim request.
+
+    With ``parent_pid`` (run.sh's), the launcher stops when that process is gone.
+    """
     import flwr.app  # noqa: F401
     import flwr.clientapp  # noqa: F401
     import flwr.supernode.cli.flwr_clientapp  # noqa: F401
     import flwr.supernode.runtime.run_clientapp  # noqa: F401
     import numpy  # noqa: F401
 
+    from common.procwatch import alive
+
     listener = wire.bind_owner_only(socket_path)
+    listener.settimeout(1.0)  # wake up every second to check on the parent
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     stopping = False
 
@@ -180,8 +186,14 @@ def serve(socket_path: Path) -> None:
         while not stopping:
             try:
                 conn, _ = listener.accept()
+            except TimeoutError:
+                if not alive(parent_pid):
+                    log.warning("the process that started this launcher (pid %s) is gone: stopping", parent_pid)
+                    break
+                continue
             except OSError:
                 break
+            conn.settimeout(None)
             _launch(conn, listener)
     finally:
         socket_path.unlink(missing_ok=True)
@@ -192,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="pre-imported flwr-clientapp processes for a SuperNode")
     parser.add_argument("--socket", help="Unix socket path (absolute, in an owner-only folder)")
     parser.add_argument("--write-shim", metavar="DIR", help="write the flwr-clientapp shim into DIR and exit")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone (run.sh)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[launcher] %(asctime)s %(levelname)s %(message)s")
     if args.write_shim:
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.socket or not Path(args.socket).is_absolute():
         parser.error(f"--socket {args.socket!r} must be an absolute path")
-    serve(Path(args.socket))
+    serve(Path(args.socket), args.parent_pid)
     return 0
 
 

@@ -225,9 +225,15 @@ def _cause(returncode: int, limit: Any, oom_before: int) -> str:
     return f"exited with code {returncode}"
 
 
-def supervise(socket_path: Path, memory_mb: float | None, name: str, max_mb: float) -> int:
-    """Run the serving process, under the memory limit when given, restarting it until stopped."""
+def supervise(
+    socket_path: Path, memory_mb: float | None, name: str, max_mb: float, parent_pid: int | None = None
+) -> int:
+    """Run the serving process, under the memory limit when given, restarting it until stopped.
+
+    With ``parent_pid`` (run.sh's), the supervisor also stops when that process is gone.
+    """
     from common import oslimit
+    from common.procwatch import alive
 
     deaths = Path(f"{socket_path}.deaths")
     deaths.unlink(missing_ok=True)  # a record per death of this supervisor's workers
@@ -264,7 +270,14 @@ def supervise(socket_path: Path, memory_mb: float | None, name: str, max_mb: flo
             child = subprocess.Popen(cmd, env=env, preexec_fn=enter, process_group=0)
             log.info("worker pid %d started", child.pid)
             started = time.monotonic()
-            code = child.wait()
+            code = None
+            while code is None:
+                try:
+                    code = child.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    if not alive(parent_pid):
+                        log.warning("the process that started this worker (pid %s) is gone: stopping", parent_pid)
+                        stop(signal.SIGTERM, None)
             if stopping:
                 break
             wire.token_path(socket_path).unlink(missing_ok=True)  # the dead worker's: no client may use it
@@ -301,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-mb", type=float, default=None, help="OS memory limit of the worker, MB")
     parser.add_argument("--name", default="worker", help="name of the worker's cgroup (progfl-<name>)")
     parser.add_argument("--max-mb", type=float, default=wire.DEFAULT_MAX_MB, help="largest frame body, MB")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone (run.sh)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[worker] %(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -312,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(path, args.max_mb)
         return 0
-    return supervise(path, args.memory_mb, args.name, args.max_mb)
+    return supervise(path, args.memory_mb, args.name, args.max_mb, args.parent_pid)
 
 
 if __name__ == "__main__":
