@@ -363,3 +363,128 @@ def test_run_finishes_when_a_supernode_is_killed_mid_run(tmp_path: Path, process
         processes.stop_all()
         _forget_deploy_homes(port, *node_ports)
     assert all(p.poll() is not None for p in processes.procs)
+
+
+@pytest.mark.slow
+def test_killing_a_worker_mid_message_costs_its_node_one_reply(tmp_path: Path, processes: Processes) -> None:
+    """SIGKILL of a node's warm worker while it trains: that reply fails with the cause, the run completes.
+
+    The supervisor restarts the worker; the node trains again in the next round.
+    """
+    out = tmp_path / "outputs"
+    env = flower_env(tmp_path / "flwr-home", out)
+    port, node_ports = free_port(), [free_port() for _ in range(2)]
+    job = "model='resnet10' synthetic-train-size=3000 synthetic-test-size=200 batch-size=32 strategy='fedavg'"
+    try:
+        link = processes.start(
+            "superlink",
+            [RUN_SH, "deploy", "superlink", "--host", "127.0.0.1", "--port", str(port), "--insecure"],
+            env,
+            tmp_path,
+        )
+        _wait_for(tmp_path / "superlink.log", "SuperLink ready: http://127.0.0.1", link)
+        for i in range(2):
+            processes.start(
+                f"supernode-{i}",
+                [RUN_SH, "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--insecure"]
+                + ["--partition-id", str(i), "--num-partitions", "2", "--port", str(node_ports[i])],
+                env,
+                tmp_path,
+            )
+        home = ROOT / ".flwr" / "deploy" / f"supernode-{node_ports[0]}"
+        run_log = tmp_path / "run.log"
+        with open(run_log, "wb") as sink:
+            run = subprocess.Popen(
+                [RUN_SH, "deploy", "run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--run-config"]
+                + [f"{job} num-rounds=3 run-name='wkill' fraction-evaluate=0.0 node-wait-seconds=90"]
+                + ["--run-config", "min-available-nodes=2 min-train-nodes=1 min-replies=1 round-timeout=120"],
+                env=env,
+                cwd=tmp_path,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            processes.procs.append(run)
+            node_log = tmp_path / "supernode-0.log"
+            deadline = time.monotonic() + 300
+            # messages node 0 received: the start-up query, round 1's and round 2's train messages
+            while node_log.read_text(errors="replace").count("Received successfully") < 3:
+                assert run.poll() is None and time.monotonic() < deadline, "node 0 got no round-2 message"
+                time.sleep(0.1)
+            time.sleep(1.5)  # the ClientApp has relayed the message: the worker is training
+            worker_pid = int((home / "worker" / "worker.sock.pid").read_text())
+            os.kill(worker_pid, signal.SIGKILL)
+            rc = run.wait(timeout=600)
+        assert rc == 0, run_log.read_text()[-4000:]
+        doc = json.loads((out / "wkill" / "metrics.json").read_text())
+        rounds = [r for r in doc["rounds"] if r["round"] > 0]
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        assert [r["failures"] for r in rounds] == [0, 1, 0], rounds
+        assert 0 not in rounds[1]["participant-ids"] and 0 in rounds[2]["participant-ids"]
+        assert f"worker pid {worker_pid}" in run_log.read_text() and "killed by SIGKILL" in run_log.read_text()
+        deaths = (home / "worker" / "worker.sock.deaths").read_text().splitlines()
+        assert [json.loads(line)["pid"] for line in deaths] == [worker_pid]
+    finally:
+        processes.stop_all()
+        _forget_deploy_homes(port, *node_ports)
+    assert all(p.poll() is not None for p in processes.procs)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_at_its_os_memory_limit_fails_one_reply_and_is_not_sent_that_size_again(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """Node 0 under an OS memory limit below the full model's real need: one OOM-killed reply, then excluded.
+
+    Runs where cgroups are writable (``common.oslimit.detect``); skipped with the reason elsewhere.
+    """
+    from common.oslimit import detect
+
+    support = detect()
+    if support.mechanism not in ("cgroup1", "cgroup2"):
+        pytest.skip(f"no writable cgroup memory controller here: {support.reason}")
+    out = tmp_path / "outputs"
+    env = flower_env(tmp_path / "flwr-home", out)
+    port, node_ports = free_port(), [free_port() for _ in range(2)]
+    job = "model='resnet10' synthetic-train-size=3000 synthetic-test-size=200 batch-size=128 strategy='fedavg'"
+    try:
+        link = processes.start(
+            "superlink",
+            [RUN_SH, "deploy", "superlink", "--host", "127.0.0.1", "--port", str(port), "--insecure"],
+            env,
+            tmp_path,
+        )
+        _wait_for(tmp_path / "superlink.log", "SuperLink ready: http://127.0.0.1", link)
+        for i in range(2):
+            processes.start(
+                f"supernode-{i}",
+                [RUN_SH, "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--insecure"]
+                + ["--partition-id", str(i), "--num-partitions", "2", "--port", str(node_ports[i])]
+                + (["--memory-mb", "450"] if i == 0 else []),
+                env,
+                tmp_path,
+            )
+        run = subprocess.run(
+            [RUN_SH, "deploy", "run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--run-config"]
+            + [f"{job} num-rounds=3 run-name='oom' fraction-evaluate=0.0 node-wait-seconds=90"]
+            + ["--run-config", "min-available-nodes=2 min-train-nodes=1 min-replies=1 round-timeout=120"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        worker_log = (ROOT / ".flwr" / "deploy" / f"supernode-{node_ports[0]}" / "worker.log").read_text()
+        assert "memory limit 450 MB enforced by cgroup" in worker_log, worker_log[-2000:]
+        doc = json.loads((out / "oom" / "metrics.json").read_text())
+        rounds = [r for r in doc["rounds"] if r["round"] > 0]
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        assert rounds[0]["failures"] == 1 and rounds[0]["participant-ids"] == [1], rounds[0]
+        assert all(r["participant-ids"] == [1] and r["failures"] == 0 for r in rounds[1:]), rounds
+        assert rounds[-1]["oom-kills"] == 1
+        assert "out-of-memory kill" in run.stdout + run.stderr
+    finally:
+        processes.stop_all()
+        _forget_deploy_homes(port, *node_ports)
+    assert all(p.poll() is not None for p in processes.procs)
