@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.procwatch import alive
+
 LOCK_NAME = ".lock"
 STATUS_NAME = "status.json"
 RESULT_FILES = ("metrics.json", "model.pt", "checkpoint.npz")
@@ -63,16 +65,6 @@ class RunFolderError(ValueError):
     """A run folder cannot be used; the message names the folder, the reason and what to do."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip() or "0") or None
@@ -106,7 +98,7 @@ class RunLock:
                 f"stop it (./run.sh stops its runs on Ctrl-C), or choose another run-name"
             ) from None
         previous = _read_pid(self.path)
-        if previous and previous != os.getpid() and not _pid_alive(previous):
+        if previous and previous != os.getpid() and not alive(previous):
             self.took_over = previous
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -228,6 +228,27 @@ def _forget_deploy_homes(*ports: int) -> None:
             shutil.rmtree(ROOT / ".flwr" / "deploy" / f"{role}-{port}", ignore_errors=True)
 
 
+def _insecure_federation(
+    processes: Processes, cwd: Path, env: dict[str, str], port: int, node_ports: list[int], extra: dict[int, list[str]]
+) -> list[subprocess.Popen]:
+    """A SuperLink (ready) and one SuperNode per port through ``run.sh deploy``, without TLS; ``extra``: per node."""
+    link = processes.start(
+        "superlink", [RUN_SH, "deploy", "superlink", "--host", "127.0.0.1", "--port", str(port), "--insecure"], env, cwd
+    )
+    _wait_for(cwd / "superlink.log", "SuperLink ready: http://127.0.0.1", link)
+    return [
+        processes.start(
+            f"supernode-{i}",
+            [RUN_SH, "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--insecure"]
+            + ["--partition-id", str(i), "--num-partitions", str(len(node_ports)), "--port", str(node_port)]
+            + extra.get(i, []),
+            env,
+            cwd,
+        )
+        for i, node_port in enumerate(node_ports)
+    ]
+
+
 @pytest.mark.slow
 def test_tls_with_authenticated_supernodes_and_an_unregistered_key_refused(
     tmp_path: Path, processes: Processes
@@ -312,23 +333,7 @@ def test_run_finishes_when_a_supernode_is_killed_mid_run(tmp_path: Path, process
     env = flower_env(tmp_path / "flwr-home", out)
     port, node_ports = free_port(), [free_port() for _ in range(3)]
     try:
-        link = processes.start(
-            "superlink",
-            [RUN_SH, "deploy", "superlink", "--host", "127.0.0.1", "--port", str(port), "--insecure"],
-            env,
-            tmp_path,
-        )
-        _wait_for(tmp_path / "superlink.log", "SuperLink ready: http://127.0.0.1", link)
-        nodes = [
-            processes.start(
-                f"supernode-{i}",
-                [RUN_SH, "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--insecure"]
-                + ["--partition-id", str(i), "--num-partitions", "3", "--port", str(node_ports[i])],
-                env,
-                tmp_path,
-            )
-            for i in range(3)
-        ]
+        nodes = _insecure_federation(processes, tmp_path, env, port, node_ports, {})
         deadline = time.monotonic() + 120
         while (tmp_path / "superlink.log").read_text(errors="replace").count("Activated node_id") < 3:
             assert time.monotonic() < deadline, "the three SuperNodes did not connect within 120 s"
@@ -376,21 +381,7 @@ def test_killing_a_worker_mid_message_costs_its_node_one_reply(tmp_path: Path, p
     port, node_ports = free_port(), [free_port() for _ in range(2)]
     job = "model='resnet10' synthetic-train-size=3000 synthetic-test-size=200 batch-size=32 strategy='fedavg'"
     try:
-        link = processes.start(
-            "superlink",
-            [RUN_SH, "deploy", "superlink", "--host", "127.0.0.1", "--port", str(port), "--insecure"],
-            env,
-            tmp_path,
-        )
-        _wait_for(tmp_path / "superlink.log", "SuperLink ready: http://127.0.0.1", link)
-        for i in range(2):
-            processes.start(
-                f"supernode-{i}",
-                [RUN_SH, "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--insecure"]
-                + ["--partition-id", str(i), "--num-partitions", "2", "--port", str(node_ports[i])],
-                env,
-                tmp_path,
-            )
+        _insecure_federation(processes, tmp_path, env, port, node_ports, {})
         home = ROOT / ".flwr" / "deploy" / f"supernode-{node_ports[0]}"
         run_log = tmp_path / "run.log"
         with open(run_log, "wb") as sink:
@@ -448,22 +439,7 @@ def test_a_worker_killed_at_its_os_memory_limit_fails_one_reply_and_is_not_sent_
     port, node_ports = free_port(), [free_port() for _ in range(2)]
     job = "model='resnet10' synthetic-train-size=3000 synthetic-test-size=200 batch-size=128 strategy='fedavg'"
     try:
-        link = processes.start(
-            "superlink",
-            [RUN_SH, "deploy", "superlink", "--host", "127.0.0.1", "--port", str(port), "--insecure"],
-            env,
-            tmp_path,
-        )
-        _wait_for(tmp_path / "superlink.log", "SuperLink ready: http://127.0.0.1", link)
-        for i in range(2):
-            processes.start(
-                f"supernode-{i}",
-                [RUN_SH, "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--insecure"]
-                + ["--partition-id", str(i), "--num-partitions", "2", "--port", str(node_ports[i])]
-                + (["--memory-mb", "450"] if i == 0 else []),
-                env,
-                tmp_path,
-            )
+        _insecure_federation(processes, tmp_path, env, port, node_ports, {0: ["--memory-mb", "450"]})
         run = subprocess.run(
             [RUN_SH, "deploy", "run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--run-config"]
             + [f"{job} num-rounds=3 run-name='oom' fraction-evaluate=0.0 node-wait-seconds=90"]
