@@ -470,6 +470,15 @@ start_worker() {
   mkdir -p "$(dirname "$sock")"
   chmod 700 "$(dirname "$sock")"
   start_bg "$logfile" env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m client_app.worker "${args[@]}"
+  # say at start-up which OS memory limit is in force, or that none could be set
+  local line="" _
+  for _ in $(seq 1 50); do
+    line="$(grep -m1 -oE '(memory limit .* enforced by .*|NO OS memory limit in force.*|no memory limit asked.*)' "$logfile" 2>/dev/null || true)"
+    [[ -n "$line" ]] && break
+    sleep 0.1
+  done
+  [[ -n "$line" ]] && log "worker $name: $line"
+  return 0
 }
 
 # start_launcher DIR LOGFILE: pre-imported flwr-clientapp processes for one SuperNode (client_app/launcher.py):

@@ -1,0 +1,174 @@
+"""Deployment's message path on the ServerApp side, without Flower's runtime.
+
+Fine-interval pulls, packed arrays, which rounds evaluate, the round's timing record, an OOM kill
+lowering a node's budget, and the deployment benchmark's arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from bench.deploy import breakdown, compare_rounds, warm_summary
+from common import protocol as P
+from common.config import parse_run_config
+from server_app import strategy as S
+from server_app.baselines import TiFLStrategy
+from server_app.exchange import exchange_timing, round_timing, send_and_receive
+from server_app.outputs import RunRecorder
+
+SMALL = {"model": "smallcnn", "synthetic-train-size": 200, "synthetic-test-size": 50}
+
+
+class SlowGrid:
+    """A deployment grid whose replies become available one per pull (records when it was pulled)."""
+
+    def __init__(self, delays: list[int]) -> None:
+        self.delays = delays  # reply i is ready after this many pulls
+        self.pulls = 0
+        self.pushed: list[str] = []
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        self.msgs = {}
+        for i, msg in enumerate(messages):
+            mid = f"m{i}" if i != 1 or len(messages) < 3 else ""  # the 2nd of 3+ "could not be pushed"
+            msg.metadata.__dict__["_message_id"] = mid or "unpushed"
+            self.msgs[mid] = msg
+            self.pushed.append(mid)
+        return self.pushed
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        self.pulls += 1
+        out = []
+        for i, mid in enumerate(self.pushed):
+            if mid and mid in message_ids and self.delays[i] == self.pulls:
+                metrics = {P.NODE_SECONDS: 0.5 * (i + 1), P.STARTUP_SECONDS: 0.1}
+                out.append(Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=self.msgs[mid]))
+        return out
+
+
+def _msgs(n: int) -> list[Message]:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    return [Message(RecordDict(), 100 + i, "train") for i in range(n)]
+
+
+def test_replies_are_pulled_until_all_came_at_the_interval() -> None:
+    grid = SlowGrid([1, 3])
+    replies = send_and_receive(grid, _msgs(2), timeout=10.0, interval=0.001)
+    assert grid.pulls == 3 and len(replies) == 2
+    timing = exchange_timing(0.8, replies)
+    assert timing == {"seconds": 0.8, "node": 1.0, "startup": 0.1}
+
+
+def test_unpushed_messages_are_not_waited_for_and_the_timeout_ends_the_wait() -> None:
+    grid = SlowGrid([1, 99, 2])
+    replies = send_and_receive(grid, _msgs(3), timeout=10.0, interval=0.001)
+    assert grid.pulls == 2 and len(replies) == 2  # the message that was not pushed has no reply to wait for
+    late = SlowGrid([10**6, 10**6])
+    assert send_and_receive(late, _msgs(2), timeout=0.05, interval=0.01) == []
+    assert 2 <= late.pulls <= 10
+
+
+def test_round_timing_sums_each_exchange_critical_path() -> None:
+    exchanges = [{"seconds": 5.0, "node": 3.0, "startup": 0.2}, {"seconds": 1.0, "node": 0.4, "startup": 0.1}]
+    assert round_timing(exchanges) == pytest.approx(
+        {"exchanges": 2.0, "exchange-seconds": 6.0, "node-seconds-critical": 3.4, "startup-seconds-critical": 0.3}
+    )
+    assert round_timing([])["exchanges"] == 0.0
+
+
+def test_packed_arrays_round_trip_and_a_bad_index_is_refused() -> None:
+    arrays = {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "n": np.int64(7),
+        "m": np.array([True, False, True]),
+        "e": np.zeros((0, 5), np.float64),
+    }
+    record = P.to_record(arrays)
+    assert list(record.keys()) == [P.PACKED, P.PACKED_INDEX]  # two Flower objects, not one per array
+    back = P.from_record(record)
+    assert list(back) == ["w", "n", "m", "e"]
+    assert np.array_equal(back["w"], arrays["w"]) and back["w"].dtype == np.float32
+    assert back["n"].shape == (1,) and int(back["n"][0]) == 7  # 0-d arrays travel as shape (1,), as before
+    assert back["m"].dtype == np.bool_ and back["e"].shape == (0, 5)
+    index = json.loads(record[P.PACKED_INDEX].numpy().tobytes())
+    assert all(offset % P.PACK_ALIGN == 0 for _, _, _, offset in index)
+    legacy = ArrayRecord({"a": Array(np.ones(2, np.float32))})
+    assert list(P.from_record(legacy)) == ["a"]  # one-array-per-key records (the node's frozen store) still read
+
+    def with_index(entries: object) -> ArrayRecord:
+        table = np.frombuffer(json.dumps(entries).encode(), np.uint8).copy()
+        return ArrayRecord({P.PACKED: record[P.PACKED], P.PACKED_INDEX: Array(table)})
+
+    with pytest.raises(ValueError, match="outside the buffer"):
+        P.from_record(with_index([["w", "<f4", [1000], 0]]))
+    with pytest.raises(ValueError, match="has dtype '|O'"):
+        P.from_record(with_index([["w", "|O", [1], 0]]))
+    with pytest.raises(ValueError, match="repeats"):
+        P.from_record(with_index([["w", "<f4", [1], 0], ["w", "<f4", [1], 0]]))
+    with pytest.raises(TypeError, match="does not carry"):
+        P.to_record({"s": np.array(["a"])})
+
+
+@pytest.mark.parametrize(
+    ("every", "deployed", "tifl", "rounds"),
+    [
+        (0, False, False, list(range(1, 13))),  # auto in simulation: every round
+        (0, True, False, [5, 10, 12]),  # auto deployed: every 5th and the last
+        (3, False, False, [3, 6, 9, 12]),
+        (0, True, True, list(range(1, 13))),  # TiFL reads every round's evaluation
+    ],
+)
+def test_which_rounds_have_a_separate_evaluation(
+    tmp_path: Path, every: int, deployed: bool, tifl: bool, rounds: list[int]
+) -> None:
+    cfg = parse_run_config({**SMALL, "evaluate-every": every, "strategy": "tifl" if tifl else "fedavg"})
+    cls = TiFLStrategy if tifl else S.FedAvgStrategy
+    strategy = cls(cfg, RunRecorder(cfg, tmp_path / "run"), 10)
+    strategy.deployed = deployed
+    assert [r for r in range(1, 13) if strategy.evaluates_in(r, 12)] == rounds
+
+
+def test_an_oom_kill_caps_the_budget_below_what_was_sent_and_fedavg_stops_sampling_it(tmp_path: Path) -> None:
+    cfg = parse_run_config(SMALL)
+    strategy = S.FedAvgStrategy(cfg, RunRecorder(cfg, tmp_path / "run"), 10)
+    strategy.nodes = {pid: S.NodeInfo(pid + 1, pid, 20) for pid in range(3)}
+    need = strategy.node_required_mb(0)
+    assert strategy.eligible(1) == [0, 1, 2]
+    strategy.on_oom(1, 0, need)
+    node = strategy.nodes[0]
+    assert node.oom_cap_mb < need and node.memory_mb < need and strategy.oom_kills == 1
+    assert strategy.eligible(2) == [1, 2]  # FedAvg ignores budgets, not OOM kills
+    node.update({P.MEMORY_MB: 4096.0})  # a later report cannot lift the budget over the cap
+    assert node.memory_mb == node.oom_cap_mb
+    node.update({P.MEMORY_MB: -1.0})
+    assert node.memory_mb == node.oom_cap_mb
+    assert math.isinf(strategy.nodes[1].oom_cap_mb)
+
+
+def test_deploy_benchmark_splits_a_round_and_summarises_the_warm_ones() -> None:
+    row = {
+        "round": 2,
+        "round-seconds": 10.0,
+        "exchange-seconds": 8.0,
+        "node-seconds-critical": 5.0,
+        "startup-seconds-critical": 0.5,
+    }
+    b = breakdown(row)
+    assert b == pytest.approx(
+        {"wall": 10.0, "node": 5.0, "startup": 0.5, "transport": 2.5, "server": 2.0, "overhead": 5.0}
+    )
+    sim = [{"round": 0}, {"round": 1, "round-seconds": 20.0}, {"round": 2, "round-seconds": 8.0}]
+    dep = [{"round": 0}, {**row, "round": 1, "round-seconds": 30.0}, row]
+    rows = compare_rounds(sim, dep)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["ratio"] == pytest.approx(1.5) and rows[1]["ratio"] == pytest.approx(1.25)
+    warm = warm_summary(rows)
+    assert warm["rounds"] == 1.0 and warm["mean-ratio"] == pytest.approx(1.25) and warm["max-overhead"] == 5.0
+    assert warm_summary(rows[:1]) == {}
