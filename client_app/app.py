@@ -17,10 +17,11 @@ and ``node-seconds`` (the handler's own time); through a worker also ``relay-sec
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
@@ -32,8 +33,6 @@ app = ClientApp()
 def _process_age() -> float:
     """Seconds since this process started (Linux ``/proc/self/stat``; 0 where it cannot be read)."""
     try:
-        import os
-
         with open("/proc/self/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
         start_ticks = int(fields[19])  # field 22 of stat(5): start time after boot, clock ticks
@@ -76,7 +75,7 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
     if P.METRICS in content:
         metrics = content[P.METRICS]
         content[P.METRICS] = MetricRecord({**dict(metrics), **{k: float(v) for k, v in timing.items()}})
-    return Message(content if isinstance(content, RecordDict) else RecordDict(content), reply_to=msg)
+    return Message(content, reply_to=msg)
 
 
 @app.query()

@@ -363,13 +363,8 @@ def train(content_in: RecordDict, context: Context) -> RecordDict:
     module, prefixes = _build(cfg, data.num_classes, config, P.from_record(content_in[P.ARRAYS]), context)
     pre_eval: dict[str, float] = {}
     if bool(config.get(P.PRE_EVAL, False)):
-        loss, acc = evaluate(module, data.x_val, data.y_val, cfg.eval_batch_size)
-        empty = len(data.y_val) == 0
-        pre_eval = {
-            P.PRE_EVAL_EXAMPLES: len(data.y_val),
-            P.PRE_EVAL_LOSS: 0.0 if empty else loss,
-            P.PRE_EVAL_ACCURACY: 0.0 if empty else acc,
-        }
+        n, loss, acc = _validate(module, data, cfg)
+        pre_eval = {P.PRE_EVAL_EXAMPLES: n, P.PRE_EVAL_LOSS: loss, P.PRE_EVAL_ACCURACY: acc}
     with track_peak(module) as peak:
         result = train_local(
             module,
@@ -408,18 +403,24 @@ def train(content_in: RecordDict, context: Context) -> RecordDict:
     return RecordDict({P.ARRAYS: P.to_record(upload), P.METRICS: MetricRecord(values)})
 
 
+def _validate(module: nn.Module, data: ClientData, cfg: RunConfig) -> tuple[int, float, float]:
+    """(examples, loss, accuracy) of ``module`` on the local validation split; 0, 0 for an empty split."""
+    loss, acc = evaluate(module, data.x_val, data.y_val, cfg.eval_batch_size)
+    n = len(data.y_val)
+    return n, (loss if n else 0.0), (acc if n else 0.0)
+
+
 def evaluate_local(content_in: RecordDict, context: Context) -> RecordDict:
     """Evaluate the received model (full or stage sub-model) on the local validation split."""
     cfg, ident, data = _setup(context)
     module, _ = _build(cfg, data.num_classes, content_in[P.CONFIG], P.from_record(content_in[P.ARRAYS]), None)
-    loss, acc = evaluate(module, data.x_val, data.y_val, cfg.eval_batch_size)
-    empty = len(data.y_val) == 0
+    n, loss, acc = _validate(module, data, cfg)
     metrics = MetricRecord(
         {
-            P.NUM_EXAMPLES: len(data.y_val),
+            P.NUM_EXAMPLES: n,
             P.PARTITION_ID: ident.partition_id,
-            P.EVAL_LOSS: 0.0 if empty else loss,
-            P.EVAL_ACCURACY: 0.0 if empty else acc,
+            P.EVAL_LOSS: loss,
+            P.EVAL_ACCURACY: acc,
         }
     )
     return RecordDict({P.METRICS: metrics})

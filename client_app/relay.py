@@ -174,21 +174,20 @@ def _greet(socket_path: str, timeout: float) -> tuple[bytes, socket.socket, dict
             wire.verify(token, hello.get("proof"), "worker", mine)
             sock.settimeout(None)
             return token, sock, hello
-        except (TimeoutError, FileNotFoundError, ConnectionError) as exc:
+        except (TimeoutError, FileNotFoundError, ConnectionError, wire.WireMissing) as exc:
             if sock is not None:
                 sock.close()
             if time.monotonic() >= deadline:
+                if isinstance(exc, wire.WireMissing):
+                    raise
                 raise WorkerFailure(
                     f"no worker answering at {socket_path} after {timeout:.0f} s ({exc}); it is started next to "
                     "the SuperNode by `run.sh deploy supernode` (see its log)"
                 ) from None
             time.sleep(0.1)
-        except wire.WireError as exc:
+        except wire.WireError:
             if sock is not None:
                 sock.close()
-            if "does not exist" in str(exc) and time.monotonic() < deadline:
-                time.sleep(0.1)
-                continue
             raise
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -35,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import protocol as P
 from common import wire
+from common.oslimit import OOM_KILLED
 
 log = logging.getLogger("progfl.worker")
 
@@ -79,6 +80,7 @@ class Server:
         """One connection: handshake, request, reply. Bad input is refused and logged; nothing runs on it."""
         from client_app.handlers import HANDLERS
         from client_app.relay import code_digest, from_wire, to_wire
+        from common.protocol import METRICS
 
         conn.settimeout(IO_TIMEOUT)
         header: dict[str, Any] = {}
@@ -119,8 +121,8 @@ class Server:
             node_config = _budget_left(dict(header.get("node_config", {})))
             ctx = self.context(run_id, node_config, dict(header.get("run_config", {})))
             reply = HANDLERS[kind](content, ctx)
-            if P.METRICS in reply:
-                reply[P.METRICS] = _with_limit_metrics(reply[P.METRICS])
+            if METRICS in reply:
+                reply[METRICS] = _with_limit_metrics(reply[METRICS])
             table, out = to_wire(reply)
             doc = {"kind": "reply", "version": wire.VERSION, "message_id": mid, "ok": True, "records": table}
         except Exception as exc:  # the handler's failure is the reply's, as in Flower's own ClientApp
@@ -136,6 +138,21 @@ class Server:
         self.served += 1
 
 
+@functools.cache
+def _own_limit() -> Any:
+    """This serving process's OS memory limit (its supervisor's cgroup, ``PROGFL_WORKER_CGROUP``), or None."""
+    folder = os.environ.get(LIMIT_ENV)
+    if not folder:
+        return None
+    from common.oslimit import LimitError, attach
+
+    try:
+        return attach(Path(folder))
+    except LimitError as exc:
+        log.warning("could not read the memory limit at %s: %s", folder, exc)
+        return None
+
+
 def _budget_left(node_config: dict[str, Any]) -> dict[str, Any]:
     """Under an OS limit, the node's ``memory-mb`` is what the limit leaves now (MB): limit - charged.
 
@@ -143,16 +160,13 @@ def _budget_left(node_config: dict[str, Any]) -> dict[str, Any]:
     here) is charged to the limit before any training; what the device can give a sub-model is the
     rest, and that is what the selector must compare with the modelled need.
     """
-    folder = os.environ.get(LIMIT_ENV)
-    if not folder:
+    limit = _own_limit()
+    if limit is None:
         return node_config
-    from common.oslimit import LimitError, attach
-
     try:
-        limit = attach(Path(folder))
         left = limit.limit_mb - limit.usage_mb()
-    except (OSError, ValueError, LimitError) as exc:
-        log.warning("could not read the memory limit at %s: %s", folder, exc)
+    except (OSError, ValueError) as exc:
+        log.warning("could not read the memory limit at %s: %s", limit.path, exc)
         return node_config
     declared = float(node_config.get("memory-mb", math.inf))
     return {**node_config, "memory-mb": round(max(1.0, min(declared, left)), 1)}
@@ -160,15 +174,15 @@ def _budget_left(node_config: dict[str, Any]) -> dict[str, Any]:
 
 def _with_limit_metrics(metrics: Any) -> Any:
     """Add the OS limit's figures to a reply's metrics: limit, peak since the last message, limit hit (0/1)."""
-    folder = os.environ.get(LIMIT_ENV)
-    if not folder:
+    limit = _own_limit()
+    if limit is None:
         return metrics
     from flwr.app import MetricRecord
 
-    from common.oslimit import LimitError, attach
+    from common import protocol as P
+    from common.oslimit import LimitError
 
     try:
-        limit = attach(Path(folder))
         values = {
             **dict(metrics),
             P.OS_LIMIT_MB: limit.limit_mb,
@@ -177,7 +191,7 @@ def _with_limit_metrics(metrics: Any) -> Any:
         }
         limit.reset_counters()
     except (OSError, ValueError, LimitError) as exc:
-        log.warning("could not read the memory limit's counters at %s: %s", folder, exc)
+        log.warning("could not read the memory limit's counters at %s: %s", limit.path, exc)
         return metrics
     return MetricRecord(values)
 
@@ -218,7 +232,7 @@ def _cause(returncode: int, limit: Any, oom_before: int) -> str:
         sig = signal.Signals(-returncode).name
         if limit is not None and limit.oom_kills() > oom_before:
             return (
-                f"{P.OOM_KILLED}: the OS killed the worker ({sig}) at its memory limit of {limit.limit_mb:.0f} MB "
+                f"{OOM_KILLED}: the OS killed the worker ({sig}) at its memory limit of {limit.limit_mb:.0f} MB "
                 f"({limit.mechanism}; peak {limit.peak_mb():.0f} MB)"
             )
         return f"killed by {sig}"

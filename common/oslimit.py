@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MB = 1024 * 1024
+OOM_KILLED = "out-of-memory kill"
+"""Marker in a worker's death cause (and so in the failed reply's reason): killed by the OS at its limit."""
 ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 SYSTEMD_DIR = Path("/run/systemd/system")

@@ -11,6 +11,9 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from common import oslimit
+from common.wire import DTYPES
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -59,31 +62,15 @@ RELAY_SECONDS = "relay-seconds"  # thin ClientApp <-> worker: connect, handshake
 OS_LIMIT_MB = "os-limit-mb"  # the OS memory limit the worker runs under, MB (absent: none in force)
 OS_PEAK_MB = "os-peak-mb"  # the worker's peak memory charged to that limit during this message, MB
 OS_LIMIT_HIT = "os-limit-hit"  # 1 if a charge reached the limit during this message (the kernel reclaimed)
-OOM_KILLED = "out-of-memory kill"  # in a failed reply's reason: the OS killed the worker at its memory limit
+OOM_KILLED = oslimit.OOM_KILLED  # in a failed reply's reason: the OS killed the worker at its memory limit
 
 
 PACKED = "packed-arrays"  # ArrayRecord key: every array of a message in one buffer (see to_record)
 PACKED_INDEX = "packed-index"  # ArrayRecord key: [[name, dtype, shape, offset], ...] as UTF-8 JSON bytes
 PACK_ALIGN = 64
 """Byte alignment of each array in the packed buffer (views into it are aligned for any dtype)."""
-PACK_DTYPES = frozenset(
-    np.dtype(t).str
-    for t in (
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-    )
-)
-"""Dtypes a packed message carries (numpy ``dtype.str``): plain numbers only."""
+PACK_DTYPES = DTYPES
+"""Dtypes a packed message carries: plain numbers only, the same allow-list as the worker's frames."""
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -58,6 +58,10 @@ class WireError(ValueError):
     """A frame, a socket or a peer that is not what the protocol allows; the message names it."""
 
 
+class WireMissing(WireError):
+    """The worker's socket or token file is not there (yet): a worker starting or being restarted."""
+
+
 def token_path(socket_path: str | os.PathLike[str]) -> Path:
     """Where the worker listening at ``socket_path`` keeps its token (owner-only file)."""
     return Path(f"{socket_path}.token")
@@ -84,7 +88,7 @@ def _owner_only(path: Path, what: str) -> os.stat_result:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise WireError(f"{what} {path} does not exist") from None
+        raise WireMissing(f"{what} {path} does not exist") from None
     if st.st_uid != os.getuid():
         raise WireError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}): refused")
     if st.st_mode & 0o077:

@@ -330,14 +330,15 @@ class FedAvgStrategy(Strategy):
         A node whose worker the OS killed at its memory limit on something of the size it would be
         sent now is left out, also by strategies that ignore budgets (FedAvg).
         """
-        pool = self.available()
-        pool = [p for p in pool if not (math.isfinite(self.nodes[p].oom_cap_mb) and not self._under_cap(p))]
+        pool = [p for p in self.available() if self._under_cap(p)]
         if not self.enforces_budget:
             return pool
         return [pid for pid in pool if self.fits(pid)]
 
     def _under_cap(self, partition_id: int) -> bool:
-        return self.node_required_mb(partition_id) <= self.nodes[partition_id].oom_cap_mb
+        """False if an OOM kill capped the node below what it would be sent now (no memory model needed otherwise)."""
+        cap = self.nodes[partition_id].oom_cap_mb
+        return math.isinf(cap) or self.node_required_mb(partition_id) <= cap
 
     def on_oom(self, server_round: int, partition_id: int, required_mb: float) -> None:
         """The OS killed the node's worker at its memory limit: never send it this much again (MB, modelled)."""
