@@ -2,7 +2,7 @@
 
     ./run.sh bench deploy                      # SmartFreeze and FedAvg, 3 nodes, 10 rounds, cifar10_small
     ./run.sh bench deploy --baseline           # also Flower's plain per-message processes (the "before")
-    ./run.sh bench deploy --memory-limit 430   # also: node 0 under an OS memory limit of 430 MB
+    ./run.sh bench deploy --memory-limit 700   # also: node 0 under an OS memory limit of 700 MB
 
 One invocation runs, per strategy, the job in simulation (``run.sh run``) and deployed
 (``run.sh deploy-local``: a SuperLink and N SuperNodes with their warm workers and the
@@ -21,8 +21,13 @@ round is shown apart from the warm ones. The overhead beyond node-side compute i
 
 With ``--memory-limit MB`` it also runs SmartFreeze and FedAvg deployed with node 0 under an OS
 memory limit of MB (the others unlimited) and reports, per strategy, what node 0 trained, its
-failures and whether one was an out-of-memory kill. Saves ``deploy.json`` and ``deploy.md`` in
-``--out``.
+failures, whether one was an out-of-memory kill, and the largest memory charged to its limit. These
+two runs train :data:`LIMIT_JOB`'s model (VGG11-BN width 0.5, batch 256) instead of the timing job's
+ResNet10: on the CPU, ResNet10 width 0.25's stage 1 needs nearly all of the full model's real memory
+(its first block holds most activations; README's device guide), so no limit separates them
+robustly, whereas VGG11-BN's stage 1 grows the process by ~210 MB and the full model by ~410 MB
+(``./run.sh bench memory --models vgg11bn --width 0.5 --batch-size 256``). Saves ``deploy.json``
+and ``deploy.md`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ JOB = (
     "dataset='npz' model='resnet10' width=0.25 partition='iid' fraction-train=1.0 fraction-evaluate=1.0 "
     "device-profile='none' evaluate-every=5 seed=0"
 )
+LIMIT_JOB = "model='vgg11bn' width=0.5 batch-size=256 min-stage-rounds=1 max-stage-rounds=2"
+"""What the ``--memory-limit`` runs change in the job: a model whose SmartFreeze stages need clearly less real
+memory than the full model (see the module docstring), every stage reached within 10 rounds."""
 BASELINE_FLAGS = ("--no-worker", "--no-launcher")
 BASELINE_CONFIG = "poll-interval=3.0"
 
@@ -158,15 +166,25 @@ def table(label: str, rows: list[dict[str, float]]) -> list[str]:
 
 
 def node_report(doc: dict[str, Any], pid: int) -> dict[str, Any]:
-    """What partition ``pid`` did in a run: rounds trained, stages, failures, OOM kills seen by the server."""
+    """What partition ``pid`` did in a run: rounds trained, stages, failures, OOM kills seen by the server, and
+    per stage (``full`` without stages) the largest memory its OS limit charged (MB, ``node-memory-seen``)."""
     rounds = [r for r in doc.get("rounds", []) if int(r.get("round", 0)) > 0]
     trained = [int(r["round"]) for r in rounds if pid in (r.get("participant-ids") or [])]
     stages = sorted({int(r["stage"]) for r in rounds if pid in (r.get("participant-ids") or []) and "stage" in r})
+    stage_of = {int(r["round"]): (f"stage {int(r['stage'])}" if "stage" in r else "full") for r in rounds}
+    seen = ((doc.get("summary") or {}).get("node-memory-seen") or {}).get(str(pid), [])
+    peaks: dict[str, float] = {}
+    for row in seen:
+        if "os-peak-mb" in row:
+            label = stage_of.get(int(row["round"]), "?")
+            peaks[label] = max(peaks.get(label, 0.0), float(row["os-peak-mb"]))
     return {
         "rounds-trained": trained,
         "stages-trained": stages,
         "oom-kills": max((float(r.get("oom-kills", 0.0)) for r in rounds), default=0.0),
+        "oom-rounds": [int(row["round"]) for row in seen if row.get("oom")],
         "failures": sum(float(r.get("failures", 0.0)) for r in rounds),
+        "peak-mb-by-stage": peaks,
         "final-accuracy": (doc.get("summary") or {}).get("final-accuracy"),
     }
 
@@ -225,13 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_limit is not None:
         lines += [f"## Node 0 under an OS memory limit of {args.memory_limit:g} MB", ""]
         lines += [
-            "| strategy | rounds node 0 trained | stages | OOM kills | failures | final accuracy |",
-            "|---|---|---|---|---|---|",
+            f"Job changes: `{LIMIT_JOB}`.",
+            "",
+            "| strategy | rounds node 0 trained | stages | OOM-killed rounds | failures "
+            "| node 0's peak charged to its limit, MB | final accuracy |",
+            "|---|---|---|---|---|---|---|",
         ]
         mems = ",".join([f"{args.memory_limit:g}"] + ["100000"] * (args.nodes - 1))
         for strategy in ("smartfreeze", "fedavg"):
             base = effective_config(
-                JOB, f"data-path='{data}' num-rounds={args.rounds} strategy='{strategy}'", args.run_config
+                JOB, f"data-path='{data}' num-rounds={args.rounds} strategy='{strategy}' {LIMIT_JOB}", args.run_config
             )
             dep = run_job(
                 "limited", {**base, "run-name": f"limited-{strategy}"}, out, args.nodes, ("--memory-mb", mems)
@@ -239,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             rep = node_report(dep, 0)
             results["summary"][f"limited-{strategy}"] = rep
             lines.append(
-                f"| {strategy} | {rep['rounds-trained']} | {rep['stages-trained']} | {rep['oom-kills']:.0f} "
-                f"| {rep['failures']:.0f} | {_pct(rep['final-accuracy'])} |"
+                f"| {strategy} | {rep['rounds-trained']} | {rep['stages-trained']} | {rep['oom-rounds']} "
+                f"| {rep['failures']:.0f} "
+                f"| {', '.join(f'{k}: {v:.0f}' for k, v in rep['peak-mb-by-stage'].items()) or '—'} "
+                f"| {_pct(rep['final-accuracy'])} |"
             )
         lines.append("")
     text = "\n".join(lines)

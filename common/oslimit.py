@@ -7,7 +7,12 @@ Mechanisms, in order of preference (:func:`detect`)
         The unified hierarchy (``<root>`` itself, or ``<root>/unified`` on a hybrid system) where the
         memory controller is enabled in our own cgroup's ``cgroup.subtree_control``, so a child cgroup
         created there gets ``memory.max``. The limit is ``memory.max``; ``memory.swap.max`` is set to 0
-        when present so swap cannot hide the excess.
+        when present so swap cannot hide the excess. A cgroup delegated to us whose controllers list
+        memory but whose ``subtree_control`` does not (a systemd unit with ``Delegate=memory``: run.sh,
+        the SuperNode and the supervisor all live in it) cannot enable it while it holds processes
+        (the kernel's no-internal-process rule); :func:`create_limit` then first moves every process
+        of that cgroup into a leaf child :data:`LEAF` and enables memory for children
+        (:func:`_delegate`), which is what systemd's ``DelegateSubgroup=`` does at start.
     ``cgroup1``
         The v1 memory controller mounted at ``<root>/memory``; the child is created under our own
         memory cgroup (from ``/proc/self/cgroup``) or, if that directory is not visible, under the v1
@@ -62,6 +67,8 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 SYSTEMD_DIR = Path("/run/systemd/system")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LABEL = {"cgroup1": "cgroup v1", "cgroup2": "cgroup v2"}
+LEAF = "progfl-procs"
+"""cgroup v2: the leaf child our own cgroup's processes move into, so that it may enable memory for children."""
 
 
 class LimitError(RuntimeError):
@@ -122,6 +129,39 @@ def _probe(parent: Path) -> str | None:
     return None
 
 
+def _delegable(parent: Path) -> str | None:
+    """cgroup v2: None if ``parent`` may move its processes into a leaf and enable memory for children, else why."""
+    for name in ("cgroup.subtree_control", "cgroup.procs"):
+        if not os.access(parent / name, os.W_OK):
+            return f"{parent / name} is not writable by this user (the cgroup is not delegated to it)"
+    return _probe(parent)
+
+
+def _delegate(parent: Path) -> None:
+    """cgroup v2: move every process of ``parent`` into ``parent/LEAF``, then enable memory for its children.
+
+    The kernel lets a non-root cgroup enable a controller in ``cgroup.subtree_control`` only while it
+    holds no processes. Processes that exit meanwhile are skipped; the leaf is kept if it exists."""
+    leaf = parent / LEAF
+    try:
+        if not leaf.is_dir():
+            _mkdir_cgroup(leaf)
+        for _ in range(3):  # a process may fork while we move; repeat until none is left
+            pids = (parent / "cgroup.procs").read_text().split()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    _write(leaf / "cgroup.procs", pid)
+                except ProcessLookupError:
+                    continue
+        _write(parent / "cgroup.subtree_control", "+memory")
+    except OSError as e:
+        raise LimitError(
+            f"cgroup v2: cannot move the processes of {parent} into {leaf} and enable memory for its children: {e}"
+        ) from e
+
+
 def _locate(root: Path, proc_cgroup: Path, systemd_dir: Path | None) -> tuple[LimitSupport, Path | None]:
     """Detected support plus the parent cgroup to create children in (None unless cgroup1/2)."""
     notes: list[str] = []
@@ -144,8 +184,16 @@ def _locate(root: Path, proc_cgroup: Path, systemd_dir: Path | None) -> tuple[Li
             notes.append(f"cgroup v2: cannot read the controllers of {parent}: {e}")
         else:
             if "memory" not in enabled:
-                how = "not enabled in cgroup.subtree_control of" if "memory" in avail else "not available in"
-                notes.append(f"cgroup v2: memory controller {how} {parent} (controllers: {' '.join(avail) or '-'})")
+                listed = f"(controllers: {' '.join(avail) or '-'})"
+                if "memory" not in avail:
+                    notes.append(f"cgroup v2: memory controller not available in {parent} {listed}")
+                elif (err := _delegable(parent)) is not None:
+                    notes.append(
+                        f"cgroup v2: memory controller not enabled in cgroup.subtree_control of {parent}: {err}"
+                    )
+                else:
+                    why = f"memory controller available in {parent}, for children once its processes are in {LEAF}"
+                    return LimitSupport("cgroup2", why), parent
             elif (err := _probe(parent)) is not None:
                 notes.append(f"cgroup v2: {err}")
             else:
@@ -299,6 +347,8 @@ def _create(limit_mb: float, name: str, root: Path, proc_cgroup: Path) -> Memory
     support, parent = _locate(root, proc_cgroup, None)
     if parent is None:
         raise LimitError(f"no cgroup memory limit can be applied: {support.reason}")
+    if support.mechanism == "cgroup2" and "memory" not in (parent / "cgroup.subtree_control").read_text().split():
+        _delegate(parent)
     path = parent / f"progfl-{name}"
     try:
         _mkdir_cgroup(path)

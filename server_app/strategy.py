@@ -76,6 +76,9 @@ class NodeInfo:
     speed_flops: float = 0.0
     rounds_trained: list[int] = field(default_factory=list)
     oom_cap_mb: float = float("inf")  # below the modelled need of what the OS killed this node's worker on
+    memory_seen: list[dict[str, float]] = field(default_factory=list)
+    """Deployed under an OS limit, per reply: round, modelled need sent (MB), peak charged to the limit (MB),
+    limit hit (0/1), or ``oom`` = 1 for a reply the OS killed (:meth:`observe_memory`)."""
 
     def update(self, metrics: dict) -> None:
         """Take the monitor's memory budget (MB; -1 = unlimited) and speed (FLOP/s) from a reply.
@@ -88,6 +91,18 @@ class NodeInfo:
             self.memory_mb = min(float("inf") if mb < 0 else mb, self.oom_cap_mb)
         if float(metrics.get(P.SPEED_FLOPS, 0.0)) > 0:
             self.speed_flops = float(metrics[P.SPEED_FLOPS])
+
+    def observe_memory(self, server_round: int, modelled_mb: float | None, metrics: dict | None) -> None:
+        """Record what the node's OS limit measured on a train reply (``metrics``), or an OOM kill (None).
+
+        Nothing is recorded for a reply without the limit's figures (no OS limit on that node)."""
+        row = {"round": float(server_round), "modelled-mb": float(modelled_mb) if modelled_mb is not None else -1.0}
+        if metrics is None:
+            self.memory_seen.append({**row, "oom": 1.0})
+        elif P.OS_PEAK_MB in metrics:
+            row["os-peak-mb"] = float(metrics[P.OS_PEAK_MB])
+            row["os-limit-hit"] = float(metrics.get(P.OS_LIMIT_HIT, 0.0))
+            self.memory_seen.append(row)
 
 
 def _as_arrays(value: Any) -> Any:
@@ -508,6 +523,7 @@ class FedAvgStrategy(Strategy):
             if reply.has_error():
                 errors.append((node.partition_id, reply.error.reason))
                 if P.OOM_KILLED in reply.error.reason and node.partition_id in self._sent_mb:
+                    node.observe_memory(server_round, self._sent_mb[node.partition_id], None)
                     self.on_oom(server_round, node.partition_id, self._sent_mb[node.partition_id])
                 continue
             pid = node.partition_id
@@ -544,6 +560,7 @@ class FedAvgStrategy(Strategy):
             for key in PER_ROUND_MAXIMA:
                 if key in m:
                     peaks.setdefault(key, []).append(float(m[key]))
+            self.nodes[pid].observe_memory(server_round, self._sent_mb.get(pid), m)
             if P.PRE_EVAL_ACCURACY in m:
                 keys = (P.PRE_EVAL_LOSS, P.PRE_EVAL_ACCURACY, P.PRE_EVAL_EXAMPLES)
                 pre_eval.append(tuple(float(m[k]) for k in keys))  # type: ignore[arg-type]
@@ -704,6 +721,7 @@ class FedAvgStrategy(Strategy):
                     "speed-flops": n.speed_flops,
                     "rounds-trained": list(n.rounds_trained),
                     "oom-cap-mb": n.oom_cap_mb if math.isfinite(n.oom_cap_mb) else -1.0,
+                    "memory-seen": [dict(row) for row in n.memory_seen],
                 }
                 for pid, n in sorted(self.nodes.items())
             },
@@ -752,6 +770,7 @@ class FedAvgStrategy(Strategy):
             node.rounds_trained = [int(r) for r in info["rounds-trained"]]
             cap = float(info.get("oom-cap-mb", -1.0))  # absent in checkpoints before the OS limits
             node.oom_cap_mb = cap if cap >= 0 else float("inf")
+            node.memory_seen = [{k: float(v) for k, v in row.items()} for row in info.get("memory-seen", [])]
         new = sorted(set(self.nodes) - set(saved))
         if new:
             log.warning("resume: partitions %s were not in the checkpoint; sampling may differ from the original", new)
@@ -917,6 +936,7 @@ class FedAvgStrategy(Strategy):
                     for pid, n in sorted(self.nodes.items())
                 }
             },
+            **{"node-memory-seen": {str(pid): n.memory_seen for pid, n in sorted(self.nodes.items()) if n.memory_seen}},
             **{
                 "bytes-down": sum(r.get("bytes-down", 0) for r in self.recorder.rounds),
                 "bytes-up": sum(r.get("bytes-up", 0) for r in self.recorder.rounds),

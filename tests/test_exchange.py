@@ -15,7 +15,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from bench.deploy import breakdown, compare_rounds, warm_summary
+from bench.deploy import breakdown, compare_rounds, node_report, warm_summary
 from common import protocol as P
 from common.config import parse_run_config
 from server_app import strategy as S
@@ -150,6 +150,38 @@ def test_an_oom_kill_caps_the_budget_below_what_was_sent_and_fedavg_stops_sampli
     node.update({P.MEMORY_MB: -1.0})
     assert node.memory_mb == node.oom_cap_mb
     assert math.isinf(strategy.nodes[1].oom_cap_mb)
+
+
+def test_a_node_records_what_its_os_limit_measured_per_reply_and_its_oom_kills() -> None:
+    node = S.NodeInfo(1, 0, 20)
+    node.observe_memory(1, 120.0, {P.TRAIN_LOSS: 1.0})  # no OS limit on the node: nothing to record
+    assert node.memory_seen == []
+    node.observe_memory(2, 120.0, {P.OS_PEAK_MB: 610.5, P.OS_LIMIT_HIT: 0.0})
+    node.observe_memory(3, 200.0, None)
+    assert node.memory_seen == [
+        {"round": 2.0, "modelled-mb": 120.0, "os-peak-mb": 610.5, "os-limit-hit": 0.0},
+        {"round": 3.0, "modelled-mb": 200.0, "oom": 1.0},
+    ]
+
+
+def test_deploy_benchmark_reports_a_limited_nodes_stages_peaks_and_oom_rounds() -> None:
+    rounds = [
+        {"round": 0},
+        {"round": 1, "stage": 1, "participant-ids": [0, 1], "failures": 0.0},
+        {"round": 2, "stage": 1, "participant-ids": [0, 1], "failures": 0.0},
+        {"round": 3, "stage": 2, "participant-ids": [1], "failures": 1.0, "oom-kills": 1.0},
+    ]
+    seen = [
+        {"round": 1.0, "modelled-mb": 140.0, "os-peak-mb": 600.0},
+        {"round": 2.0, "modelled-mb": 140.0, "os-peak-mb": 620.0},
+        {"round": 3.0, "modelled-mb": 90.0, "oom": 1.0},
+    ]
+    doc = {"rounds": rounds, "summary": {"final-accuracy": 0.4, "node-memory-seen": {"0": seen}}}
+    rep = node_report(doc, 0)
+    assert rep["rounds-trained"] == [1, 2] and rep["stages-trained"] == [1]
+    assert rep["oom-rounds"] == [3] and rep["oom-kills"] == 1.0 and rep["failures"] == 1.0
+    assert rep["peak-mb-by-stage"] == {"stage 1": 620.0}
+    assert node_report({"rounds": rounds[:1]}, 0)["peak-mb-by-stage"] == {}
 
 
 def test_deploy_benchmark_splits_a_round_and_summarises_the_warm_ones() -> None:

@@ -124,14 +124,74 @@ def test_detect_v2(v2, tmp_path: Path) -> None:
     ]
 
 
-def test_detect_v2_memory_not_delegated(v2, tmp_path: Path) -> None:
+def test_detect_v2_memory_not_delegated(v2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root, proc = v2
-    (root / "user.slice" / "worker" / "cgroup.subtree_control").write_text("\n")
+    own = root / "user.slice" / "worker"
+    (own / "cgroup.subtree_control").write_text("\n")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p).parent == own else real_access(p, mode))
     support = detect(root, proc, no_systemd(tmp_path))
     assert support.mechanism == "none"
     assert "memory controller not enabled in cgroup.subtree_control of" in support.reason
     assert f"no memory controller mounted at {root / 'memory'}" in support.reason
     assert "systemd-run" in support.reason
+
+
+def _moving_writes(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[tuple[Path, str]]:
+    """Make oslimit's writes behave like cgroupfs for cgroup.procs (a pid written to one leaves the others)."""
+    writes: list[tuple[Path, str]] = []
+
+    def write_like_the_kernel(path: Path, value: object) -> None:
+        writes.append((path, str(value)))
+        if path.name != "cgroup.procs":
+            path.write_text(str(value))
+            return
+        for procs in root.rglob("cgroup.procs"):
+            procs.write_text("".join(f"{p}\n" for p in procs.read_text().split() if p != str(value)))
+        path.write_text(path.read_text() + f"{value}\n")
+
+    monkeypatch.setattr(oslimit, "_write", write_like_the_kernel)
+    return writes
+
+
+def test_v2_delegated_cgroup_with_processes_moves_them_to_a_leaf_then_enables_memory(
+    v2, tmp_path: Path, kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A systemd unit with Delegate=memory: memory is available but not enabled, and the unit's processes
+    (run.sh, the SuperNode, the supervisor) sit in it; detect says so and changes nothing, create moves them."""
+    root, proc = v2
+    own = root / "user.slice" / "worker"
+    (own / "cgroup.subtree_control").write_text("\n")
+    (own / "cgroup.procs").write_text("101\n102\n")
+    support = detect(root, proc, no_systemd(tmp_path))
+    assert support.mechanism == "cgroup2" and f"once its processes are in {oslimit.LEAF}" in support.reason
+    assert not (own / oslimit.LEAF).exists() and (own / "cgroup.subtree_control").read_text() == "\n"
+    writes = _moving_writes(monkeypatch, root)
+    limit = apply_limit(99, 300, "node-0", root, proc)
+    assert (own / oslimit.LEAF / "cgroup.procs").read_text().split() == ["101", "102"]
+    assert (own / "cgroup.procs").read_text().split() == []
+    assert limit.path == own / "progfl-node-0" and (limit.path / "cgroup.procs").read_text().split() == ["99"]
+    order = [(p.relative_to(own).as_posix(), v) for p, v in writes]
+    assert order.index(("cgroup.subtree_control", "+memory")) > order.index((f"{oslimit.LEAF}/cgroup.procs", "102"))
+    assert order.index(("cgroup.subtree_control", "+memory")) < order.index(("progfl-node-0/memory.max", str(300 * MB)))
+
+
+def test_v2_delegation_failure_is_a_limit_error_naming_the_cgroup(
+    v2, tmp_path: Path, kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, proc = v2
+    own = root / "user.slice" / "worker"
+    (own / "cgroup.subtree_control").write_text("\n")
+    (own / "cgroup.procs").write_text("101\n")
+
+    def busy(path: Path, value: object) -> None:
+        if path.name == "cgroup.subtree_control":
+            raise OSError(errno.EBUSY, "Device or resource busy", str(path))
+        path.write_text(str(value))
+
+    monkeypatch.setattr(oslimit, "_write", busy)
+    with pytest.raises(LimitError, match=r"cgroup v2: cannot move the processes of .*worker into .*progfl-procs"):
+        apply_limit(99, 300, "node-0", root, proc)
 
 
 def test_detect_none_on_empty_tree(tmp_path: Path) -> None:
