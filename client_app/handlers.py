@@ -343,7 +343,12 @@ def train(content_in: RecordDict, context: Context) -> RecordDict:
     device = _device(cfg, ident, context, data)
     enforce = bool(config.get(P.ENFORCE_BUDGET, True)) and math.isfinite(device.memory_mb)
     required = math.nan  # modelled only when a finite budget is enforced (the memory model costs seconds)
-    if enforce:
+    if enforce and P.REQUIRED_MB in config:  # deployed: the server sends its modelled need (saves ~130 MB here)
+        raw = config[P.REQUIRED_MB]
+        required = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else math.nan
+        if not 0 < required < math.inf:
+            raise ValueError(f"config {P.REQUIRED_MB}={raw!r}: the modelled need must be a positive number of MB")
+    elif enforce:
         required = _required_mb(
             cfg,
             data.num_classes,

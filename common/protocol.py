@@ -32,6 +32,7 @@ SHRINK = "profl-shrink-block"  # ProFL: shrinking step with this real block (0-b
 PRE_EVAL = "pre-eval"  # train: evaluate the received model on the local validation split before training
 WANT_GRAD = "want-grad"
 ENFORCE_BUDGET = "enforce-budget"  # false for the unconstrained reference (fedavg)
+REQUIRED_MB = "required-mb"  # deployed: the server's modelled need of what it sends (MB), so the node need not model it
 
 # metric keys (client -> server)
 MEMORY_MB = "memory-mb"  # the device's training budget in MB; -1 = unlimited

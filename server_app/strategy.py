@@ -485,6 +485,8 @@ class FedAvgStrategy(Strategy):
                 record = cache[key] = P.to_record(payload)
             node_arrays = ArrayRecord(dict(record.items()))
             node_config = ConfigRecord({**dict(config), **self.train_config(server_round, pid)})
+            if pid in self._sent_mb:  # the node checks its budget against it instead of running the memory model
+                node_config[P.REQUIRED_MB] = self._sent_mb[pid]
             self._round_bytes_down += node_arrays.count_bytes()
             msgs.append(
                 Message(

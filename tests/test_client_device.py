@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -43,3 +44,38 @@ def test_finite_budgets_still_use_the_memory_model() -> None:
     dev = client._device(cfg, node_identity(ctx.node_config), ctx, client_data(cfg.data_spec(), 1, 4))
     full = client._required_mb(cfg, 10, None, (3, 32, 32))
     assert math.isfinite(dev.memory_mb) and dev.memory_mb >= 0.3 * full
+
+
+def _train_content(**config: object) -> RecordDict:
+    from flwr.app import ConfigRecord
+
+    from common import protocol as P
+    from common.models import build_model
+    from common.training import state_to_numpy
+
+    arrays = state_to_numpy(build_model("smallcnn", 10, 0.25))
+    return RecordDict({P.ARRAYS: P.to_record(arrays), P.CONFIG: ConfigRecord({P.ROUND: 1, P.SEED: 3, **config})})
+
+
+def test_a_deployed_node_checks_its_budget_against_the_servers_modelled_need(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployed, the server sends ``required-mb``: the node compares it with its budget and runs no memory model
+    of its own (whose imports cost ~130 MB of the worker's memory); a value that is no size is refused."""
+    from common import protocol as P
+    from common.preflight import app_defaults
+
+    def no_model(*args: object, **kwargs: object) -> float:
+        raise AssertionError("the node ran the memory model although the server sent its need")
+
+    monkeypatch.setattr(client, "_required_mb", no_model)
+    run_config = {**app_defaults(Path(__file__).resolve().parents[1]), **SMALL, "synthetic-train-size": 100}
+
+    def train(**config: object) -> RecordDict:
+        ctx = Context(1, 1, {"partition-id": 0, "num-partitions": 2, "memory-mb": 300.0}, RecordDict(), run_config)
+        return client.train(_train_content(**config), ctx)
+
+    with pytest.raises(ValueError, match=r"needs 500\.0 MB \(modelled\), over this device's budget of 300\.0 MB"):
+        train(**{P.ENFORCE_BUDGET: True, P.REQUIRED_MB: 500.0})
+    for bad in ("lots", -1.0, math.inf):
+        with pytest.raises(ValueError, match=f"config required-mb={bad!r}: the modelled need must be a positive"):
+            train(**{P.ENFORCE_BUDGET: True, P.REQUIRED_MB: bad})
+    assert P.TRAIN_LOSS in train(**{P.ENFORCE_BUDGET: True, P.REQUIRED_MB: 120.0})[P.METRICS]
