@@ -2,7 +2,7 @@
 
     ./run.sh bench deploy                      # SmartFreeze and FedAvg, 3 nodes, 10 rounds, cifar10_small
     ./run.sh bench deploy --baseline           # also Flower's plain per-message processes (the "before")
-    ./run.sh bench deploy --memory-limit 700   # also: node 0 under an OS memory limit of 700 MB
+    ./run.sh bench deploy --memory-limit 690   # also: node 0 under an OS memory limit of 690 MB
 
 One invocation runs, per strategy, the job in simulation (``run.sh run``) and deployed
 (``run.sh deploy-local``: a SuperLink and N SuperNodes with their warm workers and the

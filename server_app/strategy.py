@@ -358,6 +358,7 @@ class FedAvgStrategy(Strategy):
     def on_oom(self, server_round: int, partition_id: int, required_mb: float) -> None:
         """The OS killed the node's worker at its memory limit: never send it this much again (MB, modelled)."""
         node = self.nodes[partition_id]
+        node.observe_memory(server_round, required_mb, None)
         node.oom_cap_mb = min(node.oom_cap_mb, required_mb * (1 - 1e-6))
         node.memory_mb = min(node.memory_mb, node.oom_cap_mb)
         self.oom_kills += 1
@@ -525,7 +526,6 @@ class FedAvgStrategy(Strategy):
             if reply.has_error():
                 errors.append((node.partition_id, reply.error.reason))
                 if P.OOM_KILLED in reply.error.reason and node.partition_id in self._sent_mb:
-                    node.observe_memory(server_round, self._sent_mb[node.partition_id], None)
                     self.on_oom(server_round, node.partition_id, self._sent_mb[node.partition_id])
                 continue
             pid = node.partition_id
