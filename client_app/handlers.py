@@ -68,6 +68,11 @@ def _setup(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData]:
     return cfg, ident, client_data(cfg.data_spec(), ident.partition_id, ident.num_partitions)
 
 
+def prepare(context: Context) -> None:
+    """Load what every message of the run needs (config, the node's data partition) into the caches."""
+    _setup(context)
+
+
 @functools.lru_cache(maxsize=4)
 def _model(name: str, num_classes: int, width: float, static_bn: bool = False, scaler_rate: float = 1.0) -> BlockModel:
     """One model skeleton per process; every use overwrites the state it uses first.

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,22 @@ class Server:
         self.contexts: dict[int, Any] = {}
         self.token = b""
         self.served = 0
+        limit = _own_limit()
+        self.budget = None if limit is None else Budget(limit.limit_mb, limit.working_set_mb)
+
+    def _budgeted(self, ctx: Any) -> dict[str, Any]:
+        """The message's node config with the budget the OS limit leaves (unchanged without a limit)."""
+        if self.budget is None:
+            return dict(ctx.node_config)
+        from client_app.handlers import prepare
+
+        if not self.budget.frozen:
+            prepare(ctx)  # the data partition is part of the runtime's floor (a bad data config fails here)
+        try:
+            return self.budget.apply(dict(ctx.node_config))
+        except (OSError, ValueError) as exc:
+            log.warning("could not read the memory limit at %s: %s", os.environ.get(LIMIT_ENV), exc)
+            return dict(ctx.node_config)
 
     def context(self, run_id: int, node_config: dict[str, Any], run_config: dict[str, Any]) -> Any:
         """The run's Context (its state persists across messages); config refreshed from the message."""
@@ -118,9 +135,13 @@ class Server:
                 raise wire.WireError(f"message_type={kind!r}; valid: {sorted(HANDLERS)}")
             content = from_wire(header.get("records", {}), arrays)
             run_id = int(header.get("run_id", 0))
-            node_config = _budget_left(dict(header.get("node_config", {})))
-            ctx = self.context(run_id, node_config, dict(header.get("run_config", {})))
-            reply = HANDLERS[kind](content, ctx)
+            ctx = self.context(run_id, dict(header.get("node_config", {})), dict(header.get("run_config", {})))
+            ctx.node_config = self._budgeted(ctx)
+            try:
+                reply = HANDLERS[kind](content, ctx)
+            finally:
+                if arrays and self.budget is not None:
+                    self.budget.freeze()
             if METRICS in reply:
                 reply[METRICS] = _with_limit_metrics(reply[METRICS])
             table, out = to_wire(reply)
@@ -153,23 +174,38 @@ def _own_limit() -> Any:
         return None
 
 
-def _budget_left(node_config: dict[str, Any]) -> dict[str, Any]:
-    """Under an OS limit, the node's ``memory-mb`` is what the limit leaves now (MB): limit - charged.
+class Budget:
+    """What the OS limit leaves a sub-model (MB): the limit minus the runtime's floor.
 
-    The runtime itself (torch, the data partition, cached skeletons: ~390 MB for ResNet10 on CIFAR-10
-    here) is charged to the limit before any training; what the device can give a sub-model is the
-    rest, and that is what the selector must compare with the modelled need.
+    The floor is what the serving process holds before it trains anything: torch, the handlers,
+    the data partition (~390 MB for ResNet10 on CIFAR-10 here), as the limit's working set
+    (:meth:`common.oslimit.MemoryLimit.working_set_mb`). It is read at the start of each message
+    until the first message that carries a model, then frozen: after training, the allocator keeps
+    the freed activations for the next round, so the charged memory stays near the last peak
+    although that memory is reusable; "limit minus current usage" would leave a node that has just
+    trained almost no budget. A restarted serving process measures its floor anew.
     """
-    limit = _own_limit()
-    if limit is None:
-        return node_config
-    try:
-        left = limit.limit_mb - limit.usage_mb()
-    except (OSError, ValueError) as exc:
-        log.warning("could not read the memory limit at %s: %s", limit.path, exc)
-        return node_config
-    declared = float(node_config.get("memory-mb", math.inf))
-    return {**node_config, "memory-mb": round(max(1.0, min(declared, left)), 1)}
+
+    def __init__(self, limit_mb: float, reading: Callable[[], float]) -> None:
+        self.limit_mb = limit_mb
+        self.reading = reading  # MB charged now (the working set)
+        self.floor_mb: float | None = None
+        self.frozen = False
+
+    def left_mb(self) -> float:
+        """Limit minus the floor (MB); re-reads the floor until :meth:`freeze`."""
+        if not self.frozen or self.floor_mb is None:
+            self.floor_mb = self.reading()
+        return self.limit_mb - self.floor_mb
+
+    def freeze(self) -> None:
+        """Keep the floor read last (called once a message with a model has been handled)."""
+        self.frozen = self.floor_mb is not None
+
+    def apply(self, node_config: dict[str, Any]) -> dict[str, Any]:
+        """``node_config`` with ``memory-mb`` = min(declared, limit - floor), at least 1 MB."""
+        declared = float(node_config.get("memory-mb", math.inf))
+        return {**node_config, "memory-mb": round(max(1.0, min(declared, self.left_mb())), 1)}
 
 
 def _with_limit_metrics(metrics: Any) -> Any:

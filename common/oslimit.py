@@ -271,6 +271,17 @@ class MemoryLimit:
         """Current memory charged to the cgroup, MB."""
         return self._int("memory.usage_in_bytes" if self.mechanism == "cgroup1" else "memory.current") / MB
 
+    def working_set_mb(self) -> float:
+        """Charged memory the kernel cannot simply drop, MB: usage minus inactive file cache.
+
+        The same "working set" container runtimes report (cAdvisor, kubelet): the page cache of
+        the dataset file and of torch's libraries is charged to the cgroup but reclaimed under
+        pressure, so it is not part of what the runtime holds.
+        """
+        stat = self._kv("memory.stat") if (self.path / "memory.stat").exists() else {}
+        inactive = stat.get("total_inactive_file" if self.mechanism == "cgroup1" else "inactive_file", 0)
+        return max(0.0, self.usage_mb() - inactive / MB)
+
     def peak_mb(self) -> float:
         """Peak memory charged to the cgroup since creation, MB (nan on v2 kernels without ``memory.peak``)."""
         name = "memory.max_usage_in_bytes" if self.mechanism == "cgroup1" else "memory.peak"

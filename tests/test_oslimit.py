@@ -264,6 +264,23 @@ def test_readings_v1(v1, kernel) -> None:
     assert limit.limit_hit()
 
 
+@pytest.mark.parametrize(
+    ("mechanism", "usage", "key"),
+    [("cgroup1", "memory.usage_in_bytes", "total_inactive_file"), ("cgroup2", "memory.current", "inactive_file")],
+)
+def test_working_set_leaves_out_inactive_file_cache(
+    request: pytest.FixtureRequest, kernel, mechanism: str, usage: str, key: str
+) -> None:
+    limit = apply_limit(1, 500, "w", *request.getfixturevalue("v1" if mechanism == "cgroup1" else "v2"))
+    (limit.path / usage).write_text(f"{300 * MB}\n")
+    assert limit.working_set_mb() == 300  # no memory.stat: nothing known to be reclaimable
+    other = "inactive_file" if key.startswith("total_") else "total_inactive_file"
+    (limit.path / "memory.stat").write_text(f"cache 1\nactive_file {20 * MB}\n{other} {70 * MB}\n{key} {40 * MB}\n")
+    assert limit.working_set_mb() == 260
+    (limit.path / "memory.stat").write_text(f"{key} {400 * MB}\n")
+    assert limit.working_set_mb() == 0
+
+
 def test_v1_limit_hit_by_memsw_peak(v1, kernel) -> None:
     """With memsw limited, the memsw counter fails first and memory.failcnt may stay 0 (kernel 6.18)."""
     limit = apply_limit(1, 150, "r", *v1)

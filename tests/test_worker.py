@@ -1190,3 +1190,26 @@ def test_worker_over_its_memory_limit_is_reported_as_an_oom_kill(home: WorkerHom
     assert not _alive(restarted, str(home.sock))  # the supervisor stopped its restarted worker
     assert not cgroup.exists(), f"{cgroup} left behind"
     assert not list(cgroup.parent.glob(f"progfl-{name}*"))
+
+
+def test_budget_is_the_limit_minus_the_floor_read_until_a_model_was_handled() -> None:
+    """After training, the charged memory stays near the peak; the budget must not shrink with it."""
+    readings = iter([300.0, 380.0, 610.0, 650.0])
+    budget = worker.Budget(700.0, lambda: next(readings))
+    assert budget.apply({"memory-mb": 1000.0})["memory-mb"] == 400.0  # discovery query: torch + handlers
+    assert budget.apply({"memory-mb": 1000.0})["memory-mb"] == 320.0  # + the data partition
+    budget.freeze()  # that message carried a model
+    for _ in range(3):  # the allocator now holds ~610 MB: the floor stays at 380
+        assert budget.apply({"memory-mb": 1000.0}) == {"memory-mb": 320.0}
+    assert budget.apply({"memory-mb": 250.0, "partition-id": 1}) == {"memory-mb": 250.0, "partition-id": 1}
+    assert worker.Budget(300.0, lambda: 400.0).apply({})["memory-mb"] == 1.0  # over the limit already
+
+
+def test_budget_freeze_before_any_reading_keeps_reading() -> None:
+    readings = iter([100.0, 200.0])
+    budget = worker.Budget(500.0, lambda: next(readings))
+    budget.freeze()
+    assert not budget.frozen
+    assert budget.left_mb() == 400.0
+    budget.freeze()
+    assert budget.left_mb() == 400.0
