@@ -296,12 +296,24 @@ def _what(config: ConfigRecord) -> str:
     return "the model" if stage < 0 else f"stage {stage + 1}"
 
 
+def _query_batch(config: ConfigRecord, batch_size: int) -> int:
+    """The monitor query's training batch: ``query-batch-size`` if sent (1..batch-size), else ``batch_size``."""
+    raw = config.get(P.QUERY_BATCH, batch_size)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= batch_size:
+        raise ValueError(f"config {P.QUERY_BATCH}={raw!r}: must be a whole number of examples in 1..{batch_size}")
+    return raw
+
+
 def query(content_in: RecordDict, context: Context) -> RecordDict:
     """The local monitor: partition, data size, memory budget and speed; with a model, more.
 
     A query that carries arrays (full model or a stage sub-model, as in training) is also
     answered with the local loss statistics (Eq. 9 inputs) and the measured throughput, and, if
     the config asks ``want-grad``, with the output-layer gradient (Eq. 8 input) of the full model.
+    Both train at the configured batch size, or at ``query-batch-size`` where the server sends it
+    (deployed: the largest batch the node's budget fits, so that an OS memory limit below the full
+    model's need does not kill the query; the speed measured at a smaller batch is then a lower
+    bound).
     """
     cfg, ident, data = _setup(context)
     device = _device(cfg, ident, context, data)
@@ -317,7 +329,8 @@ def query(content_in: RecordDict, context: Context) -> RecordDict:
         config: ConfigRecord = content_in[P.CONFIG]
         module, _ = _build(cfg, data.num_classes, config, P.from_record(content_in[P.ARRAYS]), None)
         loss_mean, loss_sq = loss_statistics(module, data.x_train, data.y_train, cfg.eval_batch_size)
-        throughput = measure_throughput(module, data.x_train, data.y_train, cfg.batch_size)
+        batch = _query_batch(config, cfg.batch_size)
+        throughput = measure_throughput(module, data.x_train, data.y_train, batch)
         values.update({P.LOSS_MEAN: loss_mean, P.LOSS_SQ_MEAN: loss_sq, P.SAMPLES_PER_SECOND: throughput})
         if device.speed_flops <= 0:
             stage = int(config.get(P.STAGE, -1))
@@ -327,7 +340,7 @@ def query(content_in: RecordDict, context: Context) -> RecordDict:
             if not isinstance(module, BlockModel):
                 raise ValueError("want-grad needs the full model in the query (stage < 0)")
             grad = output_layer_gradient(
-                module, data.x_train, data.y_train, steps=cfg.monitor_steps, batch_size=cfg.batch_size, lr=cfg.lr
+                module, data.x_train, data.y_train, steps=cfg.monitor_steps, batch_size=batch, lr=cfg.lr
             )
             content[P.GRAD] = ArrayRecord({P.GRAD: Array(grad)})
     content[P.METRICS] = MetricRecord(values)

@@ -6,6 +6,7 @@ Pure PyTorch, no Flower: the ClientApp calls these when it answers a ``query`` m
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -95,3 +96,23 @@ def measure_throughput(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     seconds = time.perf_counter() - start
     module.load_state_dict(saved)
     return seen / seconds if seconds > 0 else 0.0
+
+
+def largest_fitting_batch(need_mb: Callable[[int], float], budget_mb: float, batch_size: int) -> int:
+    """The largest batch b in [1, ``batch_size``] with ``need_mb(b)`` <= ``budget_mb`` (MB); 1 if none fits.
+
+    ``need_mb`` is the memory model at batch b (Eq. 4: parameters and optimiser state are fixed,
+    activations grow with b), non-decreasing in b, so a bisection finds it in log2(batch_size)
+    evaluations. The monitor's query trains the full model to measure speed and the output-layer
+    gradient (Eq. 8); under an OS memory limit that the full model exceeds at the training batch,
+    it runs at this batch instead of being killed.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    if need_mb(batch_size) <= budget_mb:
+        return batch_size
+    lo, hi = 1, batch_size  # invariant: need_mb(hi) > budget_mb
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if need_mb(mid) <= budget_mb else (lo, mid)
+    return lo

@@ -31,6 +31,7 @@ SHRINK = "profl-shrink-block"  # ProFL: shrinking step with this real block (0-b
 
 PRE_EVAL = "pre-eval"  # train: evaluate the received model on the local validation split before training
 WANT_GRAD = "want-grad"
+QUERY_BATCH = "query-batch-size"  # deployed monitor query: train at this batch (what the node's budget fits)
 ENFORCE_BUDGET = "enforce-budget"  # false for the unconstrained reference (fedavg)
 REQUIRED_MB = "required-mb"  # deployed: the server's modelled need of what it sends (MB), so the node need not model it
 

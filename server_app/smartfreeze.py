@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -159,7 +160,12 @@ class SmartFreezeStrategy(FedAvgStrategy):
         config = {P.STAGE: stage, P.WANT_GRAD: want_grad, P.ROUND: self.machine.completed_rounds}
         msgs = [
             Message(
-                RecordDict({P.ARRAYS: ArrayRecord(dict(record.items())), P.CONFIG: ConfigRecord(config)}),
+                RecordDict(
+                    {
+                        P.ARRAYS: ArrayRecord(dict(record.items())),
+                        P.CONFIG: ConfigRecord(self._query_config(config, pid)),
+                    }
+                ),
                 self.nodes[pid].node_id,
                 MessageType.QUERY,
             )
@@ -182,6 +188,13 @@ class SmartFreezeStrategy(FedAvgStrategy):
             if want_grad and P.GRAD in reply.content:
                 self.grads[node.partition_id] = P.from_record(reply.content[P.GRAD])[P.GRAD]
         self.monitored_stage = stage
+
+    def _query_config(self, config: dict[str, Any], partition_id: int) -> dict[str, Any]:
+        """Deployed, the query trains at the batch the node's budget fits (an OS limit may kill it otherwise)."""
+        if not self.deployed:
+            return config
+        stage = int(config[P.STAGE])
+        return {**config, P.QUERY_BATCH: self.query_batch_size(partition_id, None if stage < 0 else stage)}
 
     def on_start(self, grid: Grid) -> None:
         """First monitor query with the global model: budgets, speeds, importance, gradients; RL-CD."""

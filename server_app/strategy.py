@@ -40,6 +40,7 @@ from common.data import held_out_set
 from common.flops import completion_time, round_time, stage_flops
 from common.memory import stage_memory
 from common.models import BlockModel, build_model
+from common.monitor import largest_fitting_batch
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app import checkpoint as ckpt
 from server_app.exchange import exchange_timing, round_timing, send_and_receive
@@ -320,6 +321,21 @@ class FedAvgStrategy(Strategy):
     def fits(self, partition_id: int) -> bool:
         """True if the node's budget holds the current (sub-)model's modelled training memory."""
         return self.nodes[partition_id].memory_mb >= self.required_mb()
+
+    def query_batch_size(self, partition_id: int, stage: int | None) -> int:
+        """Batch at which a monitor query may train ``stage`` (None: full model) on the node.
+
+        The configured batch if the node's budget (and any OOM cap) holds it in the memory model,
+        else the largest smaller batch that does (:func:`common.monitor.largest_fitting_batch`).
+        """
+        node = self.nodes[partition_id]
+        budget = min(node.memory_mb, node.oom_cap_mb)
+        if math.isinf(budget):
+            return self.cfg.batch_size
+        shape = self.input_shape()
+        return largest_fitting_batch(
+            lambda b: stage_memory(self.model, stage, b, shape).total, budget, self.cfg.batch_size
+        )
 
     def completion_time(self, partition_id: int) -> float:
         """Simulated local training time in seconds of the node (Eq. 6); 0 if its speed is unknown."""

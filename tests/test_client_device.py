@@ -79,3 +79,39 @@ def test_a_deployed_node_checks_its_budget_against_the_servers_modelled_need(mon
         with pytest.raises(ValueError, match=f"config required-mb={bad!r}: the modelled need must be a positive"):
             train(**{P.ENFORCE_BUDGET: True, P.REQUIRED_MB: bad})
     assert P.TRAIN_LOSS in train(**{P.ENFORCE_BUDGET: True, P.REQUIRED_MB: 120.0})[P.METRICS]
+
+
+def test_the_monitor_query_trains_at_the_batch_the_server_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployed under an OS limit the full model may not fit at the training batch: the query's speed
+    measurement and output-layer gradient run at ``query-batch-size``; a bad value is refused."""
+    import numpy as np
+
+    from common import protocol as P
+    from common.preflight import app_defaults
+
+    seen: list[tuple[str, int]] = []
+
+    def throughput(module: object, x: object, y: object, batch_size: int, steps: int = 3) -> float:
+        seen.append(("speed", batch_size))
+        return 100.0
+
+    def gradient(model: object, x: object, y: object, *, steps: int, batch_size: int, lr: float) -> np.ndarray:
+        seen.append(("grad", batch_size))
+        return np.zeros(4, dtype=np.float32)
+
+    monkeypatch.setattr(client, "measure_throughput", throughput)
+    monkeypatch.setattr(client, "output_layer_gradient", gradient)
+    run_config = {**app_defaults(Path(__file__).resolve().parents[1]), **SMALL, "batch-size": 32}
+
+    def query(**config: object) -> RecordDict:
+        ctx = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), run_config)
+        return client.query(_train_content(**{P.STAGE: -1, P.WANT_GRAD: True, **config}), ctx)
+
+    assert P.GRAD in query()
+    assert seen == [("speed", 32), ("grad", 32)]
+    seen.clear()
+    query(**{P.QUERY_BATCH: 7})
+    assert seen == [("speed", 7), ("grad", 7)]
+    for bad in (0, 33, 2.5, "8", True):
+        with pytest.raises(ValueError, match=f"config query-batch-size={bad!r}: must be a whole number .* 1..32"):
+            query(**{P.QUERY_BATCH: bad})

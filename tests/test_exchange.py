@@ -204,3 +204,23 @@ def test_deploy_benchmark_splits_a_round_and_summarises_the_warm_ones() -> None:
     warm = warm_summary(rows)
     assert warm["rounds"] == 1.0 and warm["mean-ratio"] == pytest.approx(1.25) and warm["max-overhead"] == 5.0
     assert warm_summary(rows[:1]) == {}
+
+
+def test_a_deployed_monitor_query_trains_at_the_batch_each_nodes_budget_fits(tmp_path: Path) -> None:
+    from conftest import strategy_with_nodes
+
+    from common.memory import stage_memory
+    from server_app.smartfreeze import SmartFreezeStrategy
+
+    probe = strategy_with_nodes(SmartFreezeStrategy, tmp_path / "probe", [1.0], **{"batch-size": 64, "num-rounds": 6})
+    need = lambda b: stage_memory(probe.model, None, b, probe.input_shape()).total  # noqa: E731
+    budgets = [math.inf, need(64), (need(9) + need(10)) / 2, need(1) / 2]
+    strategy = strategy_with_nodes(SmartFreezeStrategy, tmp_path / "run", budgets, **{"batch-size": 64, "num-rounds": 6})
+    config = {P.STAGE: -1, P.WANT_GRAD: True, P.ROUND: 0}
+    assert [strategy._query_config(config, pid) for pid in range(4)] == [config] * 4  # simulation: as configured
+    strategy.deployed = True
+    assert [strategy._query_config(config, pid)[P.QUERY_BATCH] for pid in range(4)] == [64, 64, 9, 1]
+    strategy.on_oom(1, 0, need(20))  # the OS killed node 0 at the need of batch 20
+    assert strategy.query_batch_size(0, None) == 19
+    stage = {**config, P.STAGE: 0}
+    assert strategy._query_config(stage, 1)[P.QUERY_BATCH] == 64  # stage 1 needs less than the full model
