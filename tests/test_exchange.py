@@ -212,10 +212,11 @@ def test_a_deployed_monitor_query_trains_at_the_batch_each_nodes_budget_fits(tmp
     from common.memory import stage_memory
     from server_app.smartfreeze import SmartFreezeStrategy
 
-    probe = strategy_with_nodes(SmartFreezeStrategy, tmp_path / "probe", [1.0], **{"batch-size": 64, "num-rounds": 6})
+    over = {"batch-size": 64, "num-rounds": 6}
+    probe = strategy_with_nodes(SmartFreezeStrategy, tmp_path / "probe", [1.0], **over)
     need = lambda b: stage_memory(probe.model, None, b, probe.input_shape()).total  # noqa: E731
     budgets = [math.inf, need(64), (need(9) + need(10)) / 2, need(1) / 2]
-    strategy = strategy_with_nodes(SmartFreezeStrategy, tmp_path / "run", budgets, **{"batch-size": 64, "num-rounds": 6})
+    strategy = strategy_with_nodes(SmartFreezeStrategy, tmp_path / "run", budgets, **over)
     config = {P.STAGE: -1, P.WANT_GRAD: True, P.ROUND: 0}
     assert [strategy._query_config(config, pid) for pid in range(4)] == [config] * 4  # simulation: as configured
     strategy.deployed = True
