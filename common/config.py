@@ -93,7 +93,7 @@ class RunConfig(BaseModel):
         0,
         ge=0,
         description="federated evaluation every N rounds and in the last; 0 = every round in simulation, "
-        "every 5 in deployment (other rounds: the training replies evaluate the model received)",
+        "only after the last round in deployment (other rounds: the training replies evaluate the model received)",
     )
     local_epochs: int = Field(1, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -110,6 +110,12 @@ class RunConfig(BaseModel):
     device_min_fraction: float = Field(0.3, gt=0, le=1, description="smallest budget, share of full-model memory")
     device_memory_mb: str = Field("", description="device-profile='list': comma-separated budgets in MB")
     selector: SelectorName = Field("rlcd", description="smartfreeze participant selection")
+    stage_monitor: Literal["auto", "query", "with-round"] = Field(
+        "auto",
+        description="smartfreeze at a new stage: 'query' = a monitor query exchange before selection (paper); "
+        "'with-round' = the query goes to the eligible nodes not selected, in the round's own exchange; "
+        "auto = query in simulation, with-round in deployment",
+    )
     selector_alpha: float = Field(2.0, ge=0, description="Oort straggler penalty exponent (0 = off)")
     selector_deadline_percentile: float = Field(80.0, ge=0, le=100)
     min_replies: int = Field(1, ge=1, description="valid training replies needed to aggregate a round")

@@ -70,3 +70,11 @@ def round_timing(exchanges: list[dict[str, float]]) -> dict[str, float]:
         "node-seconds-critical": sum(e["node"] for e in exchanges),
         "startup-seconds-critical": sum(e["startup"] for e in exchanges),
     }
+
+
+def final_timing(exchanges: list[dict[str, float]]) -> dict[str, float]:
+    """The final federated evaluation's exchange (s): its slowest node's compute and start-up."""
+    return {
+        "final-evaluate-node-seconds": sum(e["node"] for e in exchanges),
+        "final-evaluate-startup-seconds": sum(e["startup"] for e in exchanges),
+    }

@@ -43,7 +43,7 @@ from common.models import BlockModel, build_model
 from common.monitor import largest_fitting_batch
 from common.training import evaluate, load_numpy, state_to_numpy
 from server_app import checkpoint as ckpt
-from server_app.exchange import exchange_timing, round_timing, send_and_receive
+from server_app.exchange import exchange_timing, final_timing, round_timing, send_and_receive
 from server_app.failures import group_failures
 from server_app.outputs import RunRecorder
 from server_app.validation import check_arrays, check_num_examples, norm_outliers, update_norm
@@ -62,8 +62,6 @@ PER_ROUND_MAXIMA = (
     P.OS_LIMIT_HIT,
 )
 """Reply metrics whose largest value over a round's participants is recorded as ``max-<key>``."""
-DEPLOYED_EVALUATE_EVERY = 5
-"""``evaluate-every=0`` (auto) in deployment: a separate evaluate exchange every 5 rounds and at the end."""
 
 
 @dataclass
@@ -287,14 +285,17 @@ class FedAvgStrategy(Strategy):
         """Whether ``server_round`` has a separate federated-evaluation exchange (``evaluate-every``).
 
         ``evaluate-every=0`` (auto): every round in simulation, where a message costs microseconds,
-        and every :data:`DEPLOYED_EVALUATE_EVERY` rounds in deployment, where each exchange waits on
-        Flower's polling; always in the last round. Rounds without it ask the participants for the
-        evaluation of the model they received in their training reply (``pre-eval``) instead.
+        and in deployment only the final one after the last round: there every exchange waits on
+        Flower's polling (the SuperNode sleeps 3 s when it finds no message), and the train replies
+        already carry the participants' evaluation of the model they received (``pre-eval``). The
+        last round always has it; :meth:`start` times that final evaluation apart from the round.
         """
-        every = self.cfg.evaluate_every or (DEPLOYED_EVALUATE_EVERY if self.deployed else 1)
         if self.needs_every_evaluation:
-            every = 1
-        return server_round % every == 0 or server_round == num_rounds
+            return True
+        if server_round == num_rounds:
+            return True
+        every = self.cfg.evaluate_every or (0 if self.deployed else 1)
+        return every > 0 and server_round % every == 0
 
     needs_every_evaluation = False
     """True for strategies whose decisions read the federated evaluation (TiFL's tier accuracies)."""
@@ -460,6 +461,24 @@ class FedAvgStrategy(Strategy):
         self._round_rejections.append((partition_id, reason))
         kind = reason.split(":", 1)[0]
         self.rejections[kind] = self.rejections.get(kind, 0) + 1
+
+    def round_side_messages(self, server_round: int) -> list[Message]:
+        """Messages other than training that go out in the round's own exchange (after :meth:`configure_train`).
+
+        They cost no extra exchange: each goes to a node that is not training this round, and the
+        exchange waits for its training replies anyway. Their replies go to :meth:`on_side_replies`.
+        """
+        return []
+
+    def on_side_replies(self, server_round: int, replies: list[Message]) -> None:
+        """Replies to :meth:`round_side_messages` (none in FedAvg)."""
+        for reply in replies:
+            log.warning(
+                "round %d: unexpected %s reply from node %s ignored",
+                server_round,
+                reply.metadata.message_type,
+                reply.metadata.src_node_id,
+            )
 
     def on_evaluate_reply(self, partition_id: int, accuracy: float) -> None:
         """Called for every successful federated-evaluation reply (TiFL's tier accuracy)."""
@@ -888,7 +907,12 @@ class FedAvgStrategy(Strategy):
             evaluates = self.evaluates_in(rnd, num_rounds)
             round_config = train_config if evaluates else ConfigRecord({**dict(train_config), P.PRE_EVAL: True})
             for attempt in range(self.cfg.round_retries + 1):
-                replies = self.exchange(grid, self.configure_train(rnd, ArrayRecord(), round_config, grid), timeout)
+                msgs = list(self.configure_train(rnd, ArrayRecord(), round_config, grid))
+                replies = self.exchange(grid, msgs + (self.round_side_messages(rnd) if attempt == 0 else []), timeout)
+                side = [r for r in replies if r.metadata.message_type != MessageType.TRAIN]
+                if side:
+                    self.on_side_replies(rnd, side)
+                replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
                 agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
                 if agg_arrays is not None or not self._round_participants:
                     break
@@ -900,15 +924,21 @@ class FedAvgStrategy(Strategy):
                 result.arrays = agg_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
+            loss, acc = self.evaluate_server()
+            result.evaluate_metrics_serverapp[rnd] = MetricRecord({"server-loss": loss, "server-accuracy": acc})
             eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid)) if evaluates else []
+            t_eval, train_exchanges = time.monotonic(), len(self._exchanges)
             client_metrics = None
             if eval_msgs:
                 client_metrics = self.aggregate_evaluate(rnd, self.exchange(grid, eval_msgs, timeout))
             if client_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = client_metrics
-            loss, acc = self.evaluate_server()
-            result.evaluate_metrics_serverapp[rnd] = MetricRecord({"server-loss": loss, "server-accuracy": acc})
             now = time.monotonic()
+            final_eval: dict[str, float] = {}
+            if eval_msgs and rnd == num_rounds:  # the run's final federated evaluation, timed apart from the round
+                final_eval = {"final-evaluate-seconds": now - t_eval, **final_timing(self._exchanges[train_exchanges:])}
+                self._exchanges = self._exchanges[:train_exchanges]
+            round_end = t_eval if final_eval else now
             row = {
                 "round": rnd,
                 **info,
@@ -917,8 +947,9 @@ class FedAvgStrategy(Strategy):
                 **(dict(client_metrics) if client_metrics else {}),
                 **self._round_train_metrics,
                 "participant-ids": list(self._round_succeeded),
-                "round-seconds": now - t_round,
+                "round-seconds": round_end - t_round,
                 **round_timing(self._exchanges),
+                **final_eval,
                 "wall-seconds": now - t_start,
             }
             row.update(self.end_round(rnd))

@@ -120,7 +120,8 @@ def test_packed_arrays_round_trip_and_a_bad_index_is_refused() -> None:
     ("every", "deployed", "tifl", "rounds"),
     [
         (0, False, False, list(range(1, 13))),  # auto in simulation: every round
-        (0, True, False, [5, 10, 12]),  # auto deployed: every 5th and the last
+        (0, True, False, [12]),  # auto deployed: only the final evaluation (train replies carry pre-eval)
+        (5, True, False, [5, 10, 12]),
         (3, False, False, [3, 6, 9, 12]),
         (0, True, True, list(range(1, 13))),  # TiFL reads every round's evaluation
     ],
@@ -225,3 +226,48 @@ def test_a_deployed_monitor_query_trains_at_the_batch_each_nodes_budget_fits(tmp
     assert strategy.query_batch_size(0, None) == 19
     stage = {**config, P.STAGE: 0}
     assert strategy._query_config(stage, 1)[P.QUERY_BATCH] == 64  # stage 1 needs less than the full model
+
+
+@pytest.mark.parametrize("mode", ["query", "with-round"])
+def test_a_new_stages_monitor_query_goes_out_before_selection_or_with_the_rounds_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """'query' (the paper): an exchange of its own before the round; 'with-round' (auto when deployed):
+    to the fitting nodes that are not training, in the round's exchange, once per stage."""
+    from conftest import strategy_with_nodes
+    from flwr.app import ConfigRecord
+
+    from server_app.smartfreeze import SmartFreezeStrategy
+
+    over = {"num-rounds": 6, "stage-monitor": mode, "fraction-train": 0.5, "min-train-nodes": 1}
+    s = strategy_with_nodes(SmartFreezeStrategy, tmp_path / "run", [1e6] * 6, **over)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    exchanged: list[list[Message]] = []
+
+    def answer(grid: object, msgs: list[Message], timeout: float | None = None) -> list[Message]:
+        exchanged.append(msgs)
+        return replies(msgs)
+
+    def replies(msgs: list[Message]) -> list[Message]:
+        out = []
+        for i, m in enumerate(msgs):
+            m.metadata.__dict__["_message_id"] = f"q{i}"
+            metrics = {P.NUM_EXAMPLES: 50, P.LOSS_SQ_MEAN: 4.0 + i, P.MEMORY_MB: 5e5}
+            out.append(Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=m))
+        return out
+
+    monkeypatch.setattr(s, "exchange", answer)
+    s.before_round(None, 1)
+    train = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), None))
+    side = s.round_side_messages(1)
+    trained = {m.metadata.dst_node_id for m in train}
+    if mode == "query":
+        assert [len(x) for x in exchanged] == [6] and side == []  # every fitting node, before selection
+        assert all(m.metadata.message_type == "query" for m in exchanged[0])
+        return
+    assert exchanged == [] and 0 < len(trained) < 6
+    assert {m.metadata.dst_node_id for m in side} == {100 + p for p in range(6)} - trained
+    assert all(m.metadata.message_type == "query" and int(m.content[P.CONFIG][P.STAGE]) == 0 for m in side)
+    assert s.monitored_stage == 0 and s.round_side_messages(1) == []  # once per stage
+    s.on_side_replies(1, replies(side))
+    assert all(s.nodes[m.metadata.dst_node_id - 100].memory_mb == 5e5 for m in side)
