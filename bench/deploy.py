@@ -8,15 +8,16 @@ One invocation runs, per strategy, the job in simulation (``run.sh run``) and de
 (``run.sh deploy-local``: a SuperLink and N SuperNodes with their warm workers and the
 ``flwr-clientapp`` launcher, all started and stopped by run.sh), with ``--baseline`` also deployed
 as Flower ships it (``--no-worker --no-launcher``, ``poll-interval=3`` like ``send_and_receive``,
-the SuperExec's 1 s poll, an evaluate exchange every round). Every run has the same config and
-seed; the job sets ``evaluate-every`` explicitly so that simulation and deployment do the same work.
+the SuperExec's 1 s poll). Every run has the same config and seed; the job sets ``evaluate-every`` and
+``stage-monitor`` explicitly (:func:`job_keys`) so that simulation and deployment do the same work.
 
 Per round it prints: wall time deployed and simulated and their ratio; the node-side compute on
 the critical path (per exchange the slowest node's handler, ``node-seconds``); the ClientApp
 start-up on it (process start to the app's import, which includes the message's pull:
 ``clientapp-startup-seconds``); Flower's transport and polling (the rest of the exchanges); and the
 ServerApp's own time (aggregation, server evaluation, between the exchanges). The first (cold)
-round is shown apart from the warm ones. The overhead beyond node-side compute is
+round is shown apart from the warm ones, and the run's final federated evaluation after the last round
+(``final-evaluate-seconds``) apart from that round. The overhead beyond node-side compute is
 ``round - node-seconds-critical``; Flower's fixed waits are named in BENCHMARKS.md.
 
 With ``--memory-limit MB`` it also runs SmartFreeze and FedAvg deployed with node 0 under an OS
@@ -49,7 +50,7 @@ from bench.compare import ROOT, config_string, effective_config
 DATA = "../shared/data/cifar10_small.npz"
 JOB = (
     "dataset='npz' model='resnet10' width=0.25 partition='iid' fraction-train=1.0 fraction-evaluate=1.0 "
-    "device-profile='none' evaluate-every=5 seed=0"
+    "device-profile='none' seed=0"
 )
 LIMIT_JOB = "model='vgg11bn' width=0.5 batch-size=256 min-stage-rounds=1 max-stage-rounds=2"
 """What the ``--memory-limit`` runs change in the job: a model whose SmartFreeze stages need clearly less real
@@ -101,9 +102,17 @@ def warm_summary(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def job_keys(data: Path, rounds: int, strategy: str) -> str:
+    """The per-invocation keys of the job. Simulation and deployment do the same work: what deployment does by
+    default (``evaluate-every=0`` and ``stage-monitor='auto'`` there) is set explicitly for both: one federated
+    evaluation after the last round, and SmartFreeze's new-stage queries in the round's own exchange."""
+    keys = f"data-path='{data}' num-rounds={rounds} strategy='{strategy}'"
+    return f"{keys} evaluate-every={rounds} stage-monitor='with-round'"
+
+
 def job(data: Path, rounds: int, strategy: str, overrides: str) -> dict[str, Any]:
     """The benchmark's run config for one strategy (``overrides`` last: they win)."""
-    return effective_config(JOB, f"data-path='{data}' num-rounds={rounds} strategy='{strategy}'", overrides)
+    return effective_config(JOB, job_keys(data, rounds, strategy), overrides)
 
 
 # ---------------------------------------------------------------- running
@@ -165,6 +174,11 @@ def table(label: str, rows: list[dict[str, float]]) -> list[str]:
     return [*lines, ""]
 
 
+def final_step(rounds: list[dict[str, Any]]) -> float:
+    """Seconds of the run's final federated evaluation (the last round's ``final-evaluate-seconds``; nan if none)."""
+    return float(rounds[-1].get("final-evaluate-seconds", math.nan)) if rounds else math.nan
+
+
 def node_report(doc: dict[str, Any], pid: int) -> dict[str, Any]:
     """What partition ``pid`` did in a run: rounds trained, stages, failures, OOM kills seen by the server, and
     per stage (``full`` without stages) the largest memory its OS limit charged (MB, ``node-memory-seen``)."""
@@ -217,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     for strategy in strategies:
-        base = effective_config(
-            JOB, f"data-path='{data}' num-rounds={args.rounds} strategy='{strategy}'", args.run_config
-        )
+        base = job(data, args.rounds, strategy, args.run_config)
         sim = run_job("sim", {**base, "run-name": f"sim-{strategy}"}, out, args.nodes)
         kinds = [("warm", (), "")]
         if args.baseline:
@@ -232,13 +244,19 @@ def main(argv: list[str] | None = None) -> int:
             lines += table(label, rows)
             acc = (dep.get("summary") or {}).get("final-accuracy")
             sim_acc = (sim.get("summary") or {}).get("final-accuracy")
+            final = (final_step(dep["rounds"]), final_step(sim["rounds"]))
             results["tables"][f"{kind}-{strategy}"] = rows
             results["summary"][f"{kind}-{strategy}"] = {
                 **warm_summary(rows),
                 "final-accuracy": acc,
                 "sim-final-accuracy": sim_acc,
+                "final-evaluate-seconds": final[0],
+                "sim-final-evaluate-seconds": final[1],
             }
-            lines.append(f"Final accuracy: deployed {_pct(acc)}, simulated {_pct(sim_acc)}.\n")
+            lines.append(
+                f"Final federated evaluation (after the last round, not in its time): deployed {_fmt(final[0])} s, "
+                f"simulated {_fmt(final[1])} s. Final accuracy: deployed {_pct(acc)}, simulated {_pct(sim_acc)}.\n"
+            )
         results["runs"][strategy] = {"sim-final-accuracy": (sim.get("summary") or {}).get("final-accuracy")}
     if args.memory_limit is not None:
         lines += [f"## Node 0 under an OS memory limit of {args.memory_limit:g} MB", ""]
@@ -251,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         mems = ",".join([f"{args.memory_limit:g}"] + ["100000"] * (args.nodes - 1))
         for strategy in ("smartfreeze", "fedavg"):
-            base = effective_config(
-                JOB, f"data-path='{data}' num-rounds={args.rounds} strategy='{strategy}' {LIMIT_JOB}", args.run_config
-            )
+            base = effective_config(JOB, f"{job_keys(data, args.rounds, strategy)} {LIMIT_JOB}", args.run_config)
             dep = run_job(
                 "limited", {**base, "run-name": f"limited-{strategy}"}, out, args.nodes, ("--memory-mb", mems)
             )

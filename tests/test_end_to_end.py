@@ -80,6 +80,8 @@ def test_simulation_via_run_sh_learns_and_cleans_up(tmp_path: Path) -> None:
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert all(r["participants"] == 3 and r["failures"] == 0 for r in rounds[1:])
     assert all(r["bytes-down"] > 0 and r["bytes-up"] > 0 for r in rounds[1:])
+    assert [r["exchanges"] for r in rounds[1:]] == [2, 2, 1]  # train + evaluate; the last round's evaluation ...
+    assert rounds[-1]["final-evaluate-seconds"] > 0 and rounds[-1]["client-accuracy"] is not None  # ... is apart
     assert doc["summary"]["final-accuracy"] > 0.3  # chance is 0.1
     assert doc["summary"]["participation-rate"] == 1.0
     for name in ("metrics.csv", "config.json", "accuracy.png", "model.pt"):
@@ -142,7 +144,7 @@ def test_deployment_on_localhost_one_round(tmp_path: Path, processes: Processes)
     doc = json.loads((out / "e2e-deploy" / "metrics.json").read_text())
     last = doc["rounds"][-1]
     assert last["round"] == 1 and last["participants"] == 2 and last["failures"] == 0
-    assert last["client-accuracy"] is not None
+    assert last["client-accuracy"] is not None and last["exchanges"] == 1 and last["final-evaluate-seconds"] > 0
     assert doc["summary"]["num-nodes"] == 2
     processes.stop_all()
     assert all(p.poll() is not None for p in processes.procs)

@@ -15,7 +15,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from bench.deploy import breakdown, compare_rounds, node_report, warm_summary
+from bench.deploy import breakdown, compare_rounds, final_step, job, node_report, warm_summary
 from common import protocol as P
 from common.config import parse_run_config
 from server_app import strategy as S
@@ -271,3 +271,11 @@ def test_a_new_stages_monitor_query_goes_out_before_selection_or_with_the_rounds
     assert s.monitored_stage == 0 and s.round_side_messages(1) == []  # once per stage
     s.on_side_replies(1, replies(side))
     assert all(s.nodes[m.metadata.dst_node_id - 100].memory_mb == 5e5 for m in side)
+
+
+def test_deploy_benchmark_runs_the_same_work_in_both_and_reports_the_final_evaluation_apart(tmp_path: Path) -> None:
+    cfg = job(tmp_path / "d.npz", 7, "smartfreeze", "seed=3")
+    assert cfg["evaluate-every"] == 7 and cfg["stage-monitor"] == "with-round" and cfg["seed"] == 3
+    assert job(tmp_path / "d.npz", 7, "fedavg", "evaluate-every=2")["evaluate-every"] == 2  # overrides win
+    assert final_step([{"round": 1}, {"round": 2, "final-evaluate-seconds": 3.5}]) == 3.5
+    assert math.isnan(final_step([])) and math.isnan(final_step([{"round": 1}]))
