@@ -7,7 +7,7 @@ For each model and each training configuration (stage 1..B, i.e. 0-based stage 0
 output module, and full-model training) it prints, all in MB = 2**20 bytes:
 
 * modelled: :func:`common.memory.stage_memory` (refined Eq. 4) and the paper's literal Eq. 4;
-* measured: :func:`common.memory.measure_training_peak` in a fresh subprocess per configuration
+* measured: :func:`common.memory_meter.measure_training_peak` in a fresh subprocess per configuration
   (the client's ``train_local`` loop, SGD momentum 0.9, weight decay 5e-4, ``--steps`` steps on
   random data; the stage sub-model's frozen forward in micro-batches of ``--frozen-chunk``
   samples, default :data:`common.output_modules.DEFAULT_FROZEN_CHUNK`, 0 = whole batch):
@@ -18,7 +18,7 @@ output module, and full-model training) it prints, all in MB = 2**20 bytes:
 
 It checks the project targets (ResNet18: measured reductions >= 45/65/75/65 % for stages 1-4 and a
 mean >= 62 %; model within 15 % of the measured peak for every configuration) and, unless
-``--skip-overhead``, times :func:`common.memory.track_peak` around a short training loop.
+``--skip-overhead``, times :func:`common.memory_meter.track_peak` around a short training loop.
 ``--zero-grad-after-forward`` measures the previous loop order, which freed the previous step's
 gradients only between the forward and the backward pass (the model assumes ``train_local``'s
 order, gradients freed before the forward pass, so its error column then shows the difference).
@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.memory import measure_training_peak, stage_memory, track_peak
+from common.memory import stage_memory
+from common.memory_meter import measure_training_peak, track_peak
 from common.models import build_model
 from common.output_modules import DEFAULT_FROZEN_CHUNK, StageModel, build_output_module
 from common.sgd import SGD

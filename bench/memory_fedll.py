@@ -8,7 +8,7 @@ probability in ``--dropout``, and for full-model training, it prints in MB = 2**
 
 * modelled: :func:`common.fedll.required_mb` (stage) / :func:`common.memory.stage_memory` (full),
   the replay of one SGD step on meta tensors (no dropout: an upper bound);
-* measured: :func:`common.memory.measure_training_peak` in a fresh subprocess per configuration:
+* measured: :func:`common.memory_meter.measure_training_peak` in a fresh subprocess per configuration:
   PyTorch's peak of live bytes during ``--steps`` steps of the client's own ``train_local`` loop
   (SGD momentum 0.9, weight decay 5e-4) on random 3x32x32 data, parameters and buffers included,
   and the process RSS peak; with dropout the depth-dropout generator is seeded (0) and the
@@ -34,7 +34,8 @@ import torch
 
 from bench.memory import run_module_worker
 from common.fedll import FedLLModel, build_layer_heads, num_layers, required_mb
-from common.memory import measure_training_peak, stage_memory
+from common.memory import stage_memory
+from common.memory_meter import measure_training_peak
 from common.models import build_model
 from common.training import train_local
 

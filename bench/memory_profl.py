@@ -10,7 +10,7 @@ module k, :class:`common.output_modules.StageModel`) and full-model training, it
 
 * modelled: :func:`common.profl.shrink_memory` (shrinking) or :func:`common.memory.stage_memory`
   (growing, full);
-* measured: :func:`common.memory.measure_training_peak` (the client's ``train_local`` loop, SGD
+* measured: :func:`common.memory_meter.measure_training_peak` (the client's ``train_local`` loop, SGD
   momentum 0.9, weight decay 5e-4, ``--steps`` steps on random data) in a fresh subprocess per
   configuration, as ``bench/memory.py`` does: PyTorch's peak of live bytes, and the process RSS
   peak;
@@ -33,7 +33,8 @@ from typing import Any
 from torch import nn
 
 from bench.memory import environment, run_module_worker, training_module, warm_up
-from common.memory import measure_training_peak, stage_memory
+from common.memory import stage_memory
+from common.memory_meter import measure_training_peak
 from common.models import build_model
 from common.profl import ProFLSchedule, ShrinkModel, build_basic_layers, shrink_memory
 

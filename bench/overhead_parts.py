@@ -92,7 +92,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], reps: int) -> dict[str, 
 def no_track_peak() -> Iterator[None]:
     """Replace the ClientApp's ``track_peak`` with a no-op meter for the duration of the block."""
     import client_app.handlers as client
-    from common.memory import PeakMeter
+    from common.memory_meter import PeakMeter
 
     @contextlib.contextmanager
     def noop(module: Any = None, max_steps: int | None = 3) -> Iterator[PeakMeter]:

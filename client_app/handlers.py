@@ -42,7 +42,8 @@ from common.data import ClientData, client_data
 from common.devices import Device, simulated_device
 from common.flops import stage_flops
 from common.heterofl import build_heterofl_model
-from common.memory import MB, stage_memory, track_peak
+from common.memory import MB, stage_memory
+from common.memory_meter import track_peak
 from common.models import BlockModel, build_model
 from common.monitor import loss_statistics, measure_throughput, output_layer_gradient
 from common.node import NodeIdentity, node_data_path, node_identity, node_memory_mb

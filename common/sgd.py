@@ -10,7 +10,7 @@ tensors; ``dampening=0``, ``nesterov=False``, ``maximize=False``), operation for
 trained parameters are bit-identical (``tests/test_sgd.py``), and imports nothing beyond ``torch``.
 
 After every step it calls the hooks of :func:`register_step_post_hook` (the counterpart of
-``torch.optim.optimizer.register_optimizer_step_post_hook``, which :func:`common.memory.track_peak`
+``torch.optim.optimizer.register_optimizer_step_post_hook``, which :func:`common.memory_meter.track_peak`
 listens to as well), so step counters see its steps like those of a ``torch.optim`` optimizer.
 """
 

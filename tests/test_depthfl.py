@@ -27,7 +27,8 @@ from common.depthfl import (
     required_mb,
     select_depth_arrays,
 )
-from common.memory import measure_training_peak, stage_memory
+from common.memory import stage_memory
+from common.memory_meter import measure_training_peak
 from common.models import build_model
 from common.training import evaluate, state_to_numpy, train_local
 from server_app.depthfl import DepthFLStrategy

@@ -21,7 +21,8 @@ from common.fedll import (
     stage_prefixes,
     warm_start_head,
 )
-from common.memory import measure_training_peak, stage_memory
+from common.memory import stage_memory
+from common.memory_meter import measure_training_peak
 from common.models import MODEL_NAMES, BasicBlock, EncoderLayer, build_model
 from common.training import state_to_numpy, train_local
 from server_app.fedll import FedLLStrategy

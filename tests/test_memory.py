@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.memory import MB, MemoryBreakdown, measure_training_peak, stage_memory, track_peak
+from common.memory import MB, MemoryBreakdown, stage_memory
+from common.memory_meter import measure_training_peak, track_peak
 from common.models import BlockModel, build_model
 from common.output_modules import DEFAULT_FROZEN_CHUNK, StageModel, build_output_module
 from common.training import train_local

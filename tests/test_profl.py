@@ -12,7 +12,8 @@ import torch
 from client_app.handlers import _build, _required_mb
 from common import protocol as P
 from common.config import ConfigError, parse_run_config
-from common.memory import measure_training_peak, stage_memory
+from common.memory import stage_memory
+from common.memory_meter import measure_training_peak
 from common.models import build_model
 from common.output_modules import build_output_module, build_output_modules
 from common.pace import PaceConfig, PaceController, block_metric

@@ -8,7 +8,8 @@ from common.depthfl import build_depthfl
 from common.depthfl import required_mb as depthfl_required_mb
 from common.flops import stage_flops
 from common.heterofl import build_heterofl_model, slice_arrays, submodel_shapes
-from common.memory import measure_training_peak, stage_memory
+from common.memory import stage_memory
+from common.memory_meter import measure_training_peak
 from common.models import AttentionCore, EncoderLayer, build_model, build_vit, count_parameters
 from common.output_modules import StageModel, build_output_module, build_output_modules
 from common.training import state_to_numpy
