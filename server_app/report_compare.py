@@ -20,7 +20,7 @@ import numpy as np
 
 from common.results import HEADLINE, SMOOTH, aggregate, difference_line, headline, mean_curve, summarise
 from common.seedstats import Spread
-from server_app.report import (
+from server_app.report_parts import (
     MB,
     REPORT_NAME,
     RunData,
