@@ -16,6 +16,10 @@ What it adds to Flower's own FedAvg:
 
 Subclasses override :meth:`train_payload` (what a node receives) and :meth:`apply_updates`
 (how replies change the global model) and :meth:`server_model` (what is evaluated).
+
+Its parts live in their own modules: node records and discovery (:mod:`server_app.nodes`),
+checkpoint and resume (:mod:`server_app.strategy_state`), the round loop and progress line
+(:mod:`server_app.round_loop`); this module holds sampling, budgets, payloads and aggregation.
 """
 
 from __future__ import annotations
@@ -23,15 +27,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+from flwr.serverapp.strategy import Strategy
 
 from common import protocol as P
 from common.aggregate import weighted_average
@@ -42,16 +43,16 @@ from common.memory import stage_memory
 from common.models import BlockModel, build_model
 from common.monitor import largest_fitting_batch
 from common.training import evaluate, load_numpy, state_to_numpy
-from server_app import checkpoint as ckpt
-from server_app.exchange import exchange_timing, final_timing, round_timing, send_and_receive
+from server_app.exchange import exchange_timing, send_and_receive
 from server_app.failures import group_failures
+from server_app.nodes import NodeDiscovery, NodeInfo
 from server_app.outputs import RunRecorder
+from server_app.round_loop import RoundLoop
+from server_app.strategy_state import CheckpointState
 from server_app.validation import check_arrays, check_num_examples, norm_outliers, update_norm
 
 log = logging.getLogger("progfl")
 
-QUERY_CHUNK = 50
-"""Nodes queried at once at start-up in simulation (see :meth:`FedAvgStrategy._query_all`)."""
 PER_ROUND_MAXIMA = (
     P.PEAK_MB,
     P.RSS_PEAK_MB,
@@ -64,76 +65,12 @@ PER_ROUND_MAXIMA = (
 """Reply metrics whose largest value over a round's participants is recorded as ``max-<key>``."""
 
 
-@dataclass
-class NodeInfo:
-    """What the server knows about one node (keyed by its partition id)."""
-
-    node_id: int
-    partition_id: int
-    num_examples: int
-    memory_mb: float = float("inf")
-    speed_flops: float = 0.0
-    rounds_trained: list[int] = field(default_factory=list)
-    oom_cap_mb: float = float("inf")  # below the modelled need of what the OS killed this node's worker on
-    memory_seen: list[dict[str, float]] = field(default_factory=list)
-    """Deployed under an OS limit, per reply: round, modelled need sent (MB), peak charged to the limit (MB),
-    limit hit (0/1), or ``oom`` = 1 for a reply the OS killed (:meth:`observe_memory`)."""
-
-    def update(self, metrics: dict) -> None:
-        """Take the monitor's memory budget (MB; -1 = unlimited) and speed (FLOP/s) from a reply.
-
-        The budget never exceeds :attr:`oom_cap_mb`: a node whose worker was killed at its OS memory
-        limit keeps the lowered budget whatever it reports afterwards.
-        """
-        if P.MEMORY_MB in metrics:
-            mb = float(metrics[P.MEMORY_MB])
-            self.memory_mb = min(float("inf") if mb < 0 else mb, self.oom_cap_mb)
-        if float(metrics.get(P.SPEED_FLOPS, 0.0)) > 0:
-            self.speed_flops = float(metrics[P.SPEED_FLOPS])
-
-    def observe_memory(self, server_round: int, modelled_mb: float | None, metrics: dict | None) -> None:
-        """Record what the node's OS limit measured on a train reply (``metrics``), or an OOM kill (None).
-
-        Nothing is recorded for a reply without the limit's figures (no OS limit on that node)."""
-        row = {"round": float(server_round), "modelled-mb": float(modelled_mb) if modelled_mb is not None else -1.0}
-        if metrics is None:
-            self.memory_seen.append({**row, "oom": 1.0})
-        elif P.OS_PEAK_MB in metrics:
-            row["os-peak-mb"] = float(metrics[P.OS_PEAK_MB])
-            row["os-limit-hit"] = float(metrics.get(P.OS_LIMIT_HIT, 0.0))
-            self.memory_seen.append(row)
-
-
-def _as_arrays(value: Any) -> Any:
-    """A dict of numpy values (model arrays) with every value an array: 0-d entries may be numpy scalars."""
-    if isinstance(value, dict) and value and all(isinstance(v, np.ndarray | np.generic) for v in value.values()):
-        return {k: np.asarray(v) for k, v in value.items()}
-    return value
-
-
-def _check_like(name: str, current: Any, value: Any) -> None:
-    """A restored array (or dict of arrays) must match the freshly built one in keys, shapes and dtypes."""
-    if isinstance(current, np.ndarray):
-        if not isinstance(value, np.ndarray) or value.shape != current.shape or value.dtype != current.dtype:
-            got = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
-            raise ckpt.CheckpointError(f"checkpoint {name}: {got}, the model has {current.dtype} {current.shape}")
-    elif isinstance(current, dict) and current and all(isinstance(v, np.ndarray) for v in current.values()):
-        if not isinstance(value, dict) or set(value) != set(current):
-            extra = sorted(set(value) - set(current)) if isinstance(value, dict) else []
-            missing = sorted(set(current) - set(value)) if isinstance(value, dict) else sorted(current)
-            raise ckpt.CheckpointError(
-                f"checkpoint {name}: keys differ from the model (extra {extra[:3]}, missing {missing[:3]})"
-            )
-        for key in current:
-            _check_like(f"{name}[{key!r}]", current[key], value[key])
-
-
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed derived from integers (run seed, round, partition, ...)."""
     return int(np.random.default_rng([abs(int(p)) for p in parts]).integers(0, 2**31 - 1))
 
 
-class FedAvgStrategy(Strategy):
+class FedAvgStrategy(NodeDiscovery, CheckpointState, RoundLoop, Strategy):
     """Plain FedAvg on the full model with seeded sampling, per-node messages and accounting."""
 
     name = "fedavg"
@@ -193,86 +130,6 @@ class FedAvgStrategy(Strategy):
         self.deployed = False  # set by start(): True on a SuperLink's grid, False in simulation
         self._exchanges: list[dict[str, float]] = []  # this round's message exchanges (timing)
 
-    # ------------------------------------------------------------------ nodes and sampling
-    def discover(self, grid: Grid) -> None:
-        """Learn the partition id of every new node and which known nodes are still connected.
-
-        The first call (start of the run) waits up to ``node-wait-seconds`` for
-        ``min-available-nodes``. Later calls (every round) do not wait: a device that dropped out is
-        no longer sampled (see :meth:`available`) and the round goes on with the others; a node
-        that (re)connects is queried and sampled again.
-        """
-        deadline = time.monotonic() + self.cfg.node_wait_seconds
-        first = self._connected is None
-        while True:
-            node_ids = sorted(grid.get_node_ids())
-            if len(node_ids) >= self.cfg.min_available_nodes or not first:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(node_ids)} nodes connected after node-wait-seconds={self.cfg.node_wait_seconds}; "
-                    f"min-available-nodes={self.cfg.min_available_nodes}"
-                )
-            time.sleep(1.0)
-        connected = set(node_ids)
-        lost = sorted(n.partition_id for n in self.nodes.values() if n.node_id not in connected)
-        was_lost = set() if first else {n.partition_id for n in self.nodes.values() if n.node_id not in self._connected}
-        if lost and set(lost) != was_lost:
-            log.warning("partition(s) %s no longer connected: not sampled until they reconnect", lost)
-        self._connected = connected
-        known = {n.node_id for n in self.nodes.values()}
-        new = [nid for nid in node_ids if nid not in known]
-        if not new:
-            return
-        failed: list[tuple[int | str, str]] = []
-        for reply in self._query_all(grid, new):
-            src = reply.metadata.src_node_id
-            if reply.has_error():
-                failed.append((src, reply.error.reason))
-                continue
-            m = reply.content[P.METRICS]
-            pid = int(m[P.PARTITION_ID])
-            if pid in self.nodes and self.nodes[pid].node_id != src:
-                log.warning(
-                    "partition-id %d claimed by node %s and node %s; keeping the first",
-                    pid,
-                    self.nodes[pid].node_id,
-                    src,
-                )
-                continue
-            self.nodes[pid] = NodeInfo(src, pid, int(m[P.NUM_EXAMPLES]))
-            self.nodes[pid].update(dict(m))
-        causes = group_failures(failed)
-        for line in causes:
-            log.warning("start-up query failed on %s", line)
-        if first and len(self.nodes) < self.cfg.min_available_nodes:
-            why = f"; the others failed: {causes[0]}" + (f" (and {len(causes) - 1} other causes)" if causes[1:] else "")
-            raise RuntimeError(
-                f"{len(self.nodes)} nodes answered the start-up query, min-available-nodes="
-                f"{self.cfg.min_available_nodes}" + (why if causes else "")
-            )
-
-    def _query_all(self, grid: Grid, node_ids: list[int]) -> list[Message]:
-        """Replies to the start-up ``query`` of ``node_ids``; in simulation in chunks of :data:`QUERY_CHUNK`.
-
-        Flower's simulation engine looks for work by asking its message store, for every node, every
-        0.1 s, for that node's next message, each time walking all stored messages (and checking each):
-        the cost of one pass grows with nodes x messages in flight, and it holds the GIL of the process
-        that also runs this ServerApp (one pass over 1,000 nodes: 5.3 s with 1,000 messages stored, 0.33 s
-        with 50). Chunks keep few messages in flight (1,000 nodes: 37 % less ServerApp CPU during the
-        discovery, BENCHMARKS.md). In deployment every ``send_and_receive`` waits for the SuperNodes'
-        polling (seconds), so all nodes are asked at once.
-        """
-        chunk = QUERY_CHUNK if isinstance(grid, InMemoryGrid) else len(node_ids)
-        replies: list[Message] = []
-        for start in range(0, len(node_ids), max(1, chunk)):
-            msgs = [
-                Message(RecordDict({P.CONFIG: ConfigRecord({P.ROUND: 0})}), nid, MessageType.QUERY)
-                for nid in node_ids[start : start + chunk]
-            ]
-            replies.extend(self.exchange(grid, msgs))
-        return replies
-
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         """Push messages, collect replies (deployment: pulled every ``poll-interval`` s, :mod:`server_app.exchange`)."""
         timeout = self.cfg.round_timeout if timeout is None else timeout
@@ -290,12 +147,18 @@ class FedAvgStrategy(Strategy):
         already carry the participants' evaluation of the model they received (``pre-eval``). The
         last round always has it; :meth:`start` times that final evaluation apart from the round.
         """
+        if not self.client_evaluation:
+            return False
         if self.needs_every_evaluation:
             return True
         if server_round == num_rounds:
             return True
         every = self.cfg.evaluate_every or (0 if self.deployed else 1)
         return every > 0 and server_round % every == 0
+
+    client_evaluation = True
+    """False for models the clients cannot evaluate on labels (FedLL's SSL: no classifier until the server's probe):
+    no evaluate messages, no ``pre-eval``."""
 
     needs_every_evaluation = False
     """True for strategies whose decisions read the federated evaluation (TiFL's tier accuracies)."""
@@ -721,115 +584,9 @@ class FedAvgStrategy(Strategy):
             c.seed,
         )
 
-    # ------------------------------------------------------------------ checkpoint and resume
-    @classmethod
-    def declared_attrs(cls, kind: str) -> list[str]:
-        """``checkpoint_attrs`` or ``transient_attrs`` of every class in the MRO, base classes first."""
-        out: list[str] = []
-        for klass in reversed(cls.__mro__):
-            out += [a for a in klass.__dict__.get(kind, ()) if a not in out]
-        return out
-
-    def undeclared_attrs(self) -> list[str]:
-        """Instance attributes neither checkpointed nor declared transient (a resume would lose them)."""
-        known = set(self.declared_attrs("checkpoint_attrs")) | set(self.declared_attrs("transient_attrs"))
-        return sorted(set(vars(self)) - known)
-
-    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(arrays, JSON-ready state) that, with the run config, determine every later round.
-
-        The state holds every attribute of :attr:`checkpoint_attrs` (encoded by
-        :func:`server_app.checkpoint.encode`), the node table by partition id (examples, budget,
-        speed, rounds trained) and the metrics recorded so far (rows and summary). Subclasses with
-        extra state list it in ``checkpoint_attrs``; override this (calling ``super()``) only for
-        state that is not an attribute.
-        """
-        arrays: dict[str, np.ndarray] = {}
-        state = {
-            "attrs": {
-                name: ckpt.encode(_as_arrays(getattr(self, name)), arrays, f"attrs/{name}")
-                for name in self.declared_attrs("checkpoint_attrs")
-            },
-            "nodes": {
-                str(pid): {
-                    "node-id": n.node_id,
-                    "num-examples": n.num_examples,
-                    "memory-mb": n.memory_mb,
-                    "speed-flops": n.speed_flops,
-                    "rounds-trained": list(n.rounds_trained),
-                    "oom-cap-mb": n.oom_cap_mb if math.isfinite(n.oom_cap_mb) else -1.0,
-                    "memory-seen": [dict(row) for row in n.memory_seen],
-                }
-                for pid, n in sorted(self.nodes.items())
-            },
-            "recorder": ckpt.encode(
-                {"rounds": self.recorder.rounds, "summary": self.recorder.summary}, arrays, "recorder"
-            ),
-        }
-        return arrays, state
-
-    def restore_state(self, state: dict[str, Any]) -> None:
-        """Set the state of :meth:`checkpoint_state` (decoded) on this freshly built strategy.
-
-        Called after :meth:`discover`, instead of :meth:`on_start`. Arrays must match the freshly
-        built ones in keys, shapes and dtypes; nodes are matched by partition id and keep the
-        checkpoint's budget, speed and rounds trained (what the uninterrupted run would use).
-        """
-        attrs = state["attrs"]
-        missing = [name for name in self.declared_attrs("checkpoint_attrs") if name not in attrs]
-        if missing:
-            raise ckpt.CheckpointError(f"checkpoint of strategy {self.name!r} lacks {missing}")
-        for name in self.declared_attrs("checkpoint_attrs"):
-            current, value = getattr(self, name), attrs[name]
-            if isinstance(value, ckpt.ObjectState):
-                value = value.build(current, name)
-            _check_like(name, current, value)
-            setattr(self, name, value)
-        saved = {int(pid): info for pid, info in state["nodes"].items()}
-        for pid, info in sorted(saved.items()):
-            node = self.nodes.get(pid)
-            if node is None:
-                log.warning("resume: partition %d is in the checkpoint but has not reconnected", pid)
-                continue
-            if node.num_examples != int(info["num-examples"]):
-                raise ckpt.CheckpointError(
-                    f"partition {pid} now holds {node.num_examples} examples, {info['num-examples']} in the checkpoint"
-                )
-            if node.memory_mb != float(info["memory-mb"]):
-                log.warning(
-                    "resume: partition %d reports %.1f MB now, %.1f MB in the checkpoint; using the checkpoint's",
-                    pid,
-                    node.memory_mb,
-                    float(info["memory-mb"]),
-                )
-            node.memory_mb = float(info["memory-mb"])
-            node.speed_flops = float(info["speed-flops"])
-            node.rounds_trained = [int(r) for r in info["rounds-trained"]]
-            cap = float(info.get("oom-cap-mb", -1.0))  # absent in checkpoints before the OS limits
-            node.oom_cap_mb = cap if cap >= 0 else float("inf")
-            node.memory_seen = [{k: float(v) for k, v in row.items()} for row in info.get("memory-seen", [])]
-        new = sorted(set(self.nodes) - set(saved))
-        if new:
-            log.warning("resume: partitions %s were not in the checkpoint; sampling may differ from the original", new)
-        self.recorder.rounds = list(state["recorder"]["rounds"])
-        self.recorder.summary.update(state["recorder"]["summary"])
-        self.recorder.write_metrics()
-
-    def save_checkpoint(self, server_round: int) -> None:
-        """Write ``<run-dir>/checkpoint.npz`` after ``server_round`` (atomically)."""
-        arrays, state = self.checkpoint_state()
-        ckpt.save_checkpoint(self.recorder.run_dir, server_round, self.name, self.cfg.to_flat(), state, arrays)
-
-    def resume(self, checkpoint: ckpt.Checkpoint) -> int:
-        """Restore ``checkpoint`` (after :meth:`discover`); return the first round still to run."""
-        self.restore_state(checkpoint.decoded_state())
-        log.info("resumed %s after round %d from %s", self.name, checkpoint.round, checkpoint.path)
-        print(f"[{self.name}] resumed after round {checkpoint.round} from {checkpoint.path}", flush=True)
-        return checkpoint.round + 1
-
     # ------------------------------------------------------------------ evaluation and the loop
-    def evaluate_server(self) -> tuple[float, float]:
-        """Loss and accuracy of :meth:`server_model` on the held-out test set."""
+    def evaluate_server(self) -> tuple[float | None, float | None]:
+        """Loss and accuracy of :meth:`server_model` on the held-out test set (None, None: not this round)."""
         x, y = held_out_set(self.cfg.data_spec())
         return evaluate(self.server_model(), x, y, self.cfg.eval_batch_size)
 
@@ -859,166 +616,7 @@ class FedAvgStrategy(Strategy):
             return 0.0
         return sum(1 for n in self.nodes.values() if n.rounds_trained) / len(self.nodes)
 
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord | None = None,
-        num_rounds: int | None = None,
-        timeout: float | None = None,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-        checkpoint: ckpt.Checkpoint | None = None,
-    ) -> Result:
-        """Run all rounds: train, federated evaluation, server evaluation, record, checkpoint, print progress.
-
-        With ``checkpoint`` (validated by :func:`server_app.checkpoint.check_resume`), the state is
-        restored instead of :meth:`on_start` and the run continues after the checkpoint's round.
-        """
-        if initial_arrays is not None:
-            self.arrays = P.from_record(initial_arrays)
-        num_rounds = num_rounds or self.cfg.num_rounds
-        timeout = timeout or self.cfg.round_timeout
-        train_config = train_config or ConfigRecord()
-        evaluate_config = evaluate_config or ConfigRecord()
-        result = Result()
-        self.deployed = not isinstance(grid, InMemoryGrid)
-        self.summary()
-        self.discover(grid)
-        undeclared = self.undeclared_attrs()
-        if undeclared:
-            log.warning("%s: attributes %s are not checkpointed; a resumed run may differ", self.name, undeclared)
-        if checkpoint is None:
-            self.on_start(grid)
-            loss0, acc0 = self.evaluate_server()
-            log.info("initial server evaluation: accuracy %.2f%% loss %.4f", 100 * acc0, loss0)
-            self.recorder.add_round({"round": 0, **self.round_info(1), "server-accuracy": acc0, "server-loss": loss0})
-            first, elapsed = 1, 0.0
-        else:
-            first = self.resume(checkpoint)
-            elapsed = float(self.recorder.rounds[-1].get("wall-seconds") or 0.0) if self.recorder.rounds else 0.0
-        t_start = time.monotonic() - elapsed
-        for rnd in range(first, num_rounds + 1):
-            t_round = time.monotonic()
-            self._exchanges = []
-            self.discover(grid)
-            self.before_round(grid, rnd)
-            info = self.round_info(rnd)
-            evaluates = self.evaluates_in(rnd, num_rounds)
-            round_config = train_config if evaluates else ConfigRecord({**dict(train_config), P.PRE_EVAL: True})
-            for attempt in range(self.cfg.round_retries + 1):
-                msgs = list(self.configure_train(rnd, ArrayRecord(), round_config, grid))
-                replies = self.exchange(grid, msgs + (self.round_side_messages(rnd) if attempt == 0 else []), timeout)
-                side = [r for r in replies if r.metadata.message_type != MessageType.TRAIN]
-                if side:
-                    self.on_side_replies(rnd, side)
-                replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
-                agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
-                if agg_arrays is not None or not self._round_participants:
-                    break
-                if attempt < self.cfg.round_retries:
-                    retries = self.cfg.round_retries
-                    log.warning("round %d: too few valid replies; retrying (%d/%d)", rnd, attempt + 1, retries)
-            self._round_train_metrics["attempts"] = attempt + 1
-            if agg_arrays is not None:
-                result.arrays = agg_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[rnd] = train_metrics
-            loss, acc = self.evaluate_server()
-            result.evaluate_metrics_serverapp[rnd] = MetricRecord({"server-loss": loss, "server-accuracy": acc})
-            eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid)) if evaluates else []
-            t_eval, train_exchanges = time.monotonic(), len(self._exchanges)
-            client_metrics = None
-            if eval_msgs:
-                client_metrics = self.aggregate_evaluate(rnd, self.exchange(grid, eval_msgs, timeout))
-            if client_metrics is not None:
-                result.evaluate_metrics_clientapp[rnd] = client_metrics
-            now = time.monotonic()
-            final_eval: dict[str, float] = {}
-            if eval_msgs and rnd == num_rounds:  # the run's final federated evaluation, timed apart from the round
-                final_eval = {"final-evaluate-seconds": now - t_eval, **final_timing(self._exchanges[train_exchanges:])}
-                self._exchanges = self._exchanges[:train_exchanges]
-            round_end = t_eval if final_eval else now
-            row = {
-                "round": rnd,
-                **info,
-                "server-accuracy": acc,
-                "server-loss": loss,
-                **(dict(client_metrics) if client_metrics else {}),
-                **self._round_train_metrics,
-                "participant-ids": list(self._round_succeeded),
-                "round-seconds": round_end - t_round,
-                **round_timing(self._exchanges),
-                **final_eval,
-                "wall-seconds": now - t_start,
-            }
-            row.update(self.end_round(rnd))
-            self.recorder.add_round(row)
-            self.save_checkpoint(rnd)
-            eta = (now - t_start) / rnd * (num_rounds - rnd)
-            self.progress(rnd, num_rounds, row, eta)
-            if rnd == self.cfg.stop_after_round and rnd < num_rounds:
-                raise ckpt.StopAfterRound(
-                    f"stopped after round {rnd} as asked by stop-after-round={rnd} (testing an interruption); "
-                    f"continue with: ./run.sh resume {self.recorder.run_dir}"
-                )
-        if not any(n.rounds_trained for n in self.nodes.values()):
-            if self._ever_eligible:
-                raise RuntimeError(f"no client trained successfully in {num_rounds} rounds; see the node errors above")
-            log.warning("%s: no device's budget fits the model in any round; the model was never trained", self.name)
-            print(f"[{self.name}] no device fits the model: participation 0 %, the model is untrained", flush=True)
-        final_loss, final_acc = self.final_evaluation()
-        self.recorder.save_model(self.final_arrays())
-        self.recorder.set_summary(
-            strategy=self.name,
-            rounds=num_rounds,
-            **{"final-accuracy": final_acc, "final-loss": final_loss},
-            **{
-                "best-accuracy": max(
-                    r["server-accuracy"] for r in self.recorder.rounds if r.get("server-accuracy") is not None
-                )
-            },
-            **{"participation-rate": self.participation_rate(), "num-nodes": len(self.nodes)},
-            **{
-                "node-memory-mb": {
-                    str(pid): n.memory_mb if math.isfinite(n.memory_mb) else -1.0
-                    for pid, n in sorted(self.nodes.items())
-                }
-            },
-            **{"node-memory-seen": {str(pid): n.memory_seen for pid, n in sorted(self.nodes.items()) if n.memory_seen}},
-            **{
-                "bytes-down": sum(r.get("bytes-down", 0) for r in self.recorder.rounds),
-                "bytes-up": sum(r.get("bytes-up", 0) for r in self.recorder.rounds),
-            },
-            **{"wall-seconds": time.monotonic() - t_start, "rejections": self.rejections},
-            **self.summary_extras(),
-        )
-        self.recorder.plot_accuracy()
-        try:
-            from server_app.report import write_report
-
-            write_report(self.recorder.run_dir)
-        except Exception as exc:  # the report is a convenience: it must never fail the run
-            log.warning("could not write report.html in %s: %s", self.recorder.run_dir, exc, exc_info=True)
-        return result
-
     def final_evaluation(self) -> tuple[float, float]:
         """Evaluation of the final full model (the last round's for FedAvg)."""
         last = self.recorder.rounds[-1]
         return float(last["server-loss"]), float(last["server-accuracy"])
-
-    def progress(self, rnd: int, num_rounds: int, row: dict, eta: float) -> None:
-        """Print one progress line for the round."""
-        extra = f" stage {row['stage']}" if "stage" in row else ""
-        client = f" client-acc {100 * row['client-accuracy']:5.1f}%" if row.get("client-accuracy") is not None else ""
-        line = (
-            f"[{self.name}] round {rnd}/{num_rounds}{extra}"
-            f" | acc {100 * row['server-accuracy']:5.1f}% loss {row['server-loss']:.3f}"
-            f"{client} | {int(row.get('participants', 0))} clients ({int(row.get('failures', 0))} failed)"
-            f" | {row['round-seconds']:.1f}s, elapsed {row['wall-seconds']:.0f}s, eta {eta:.0f}s"
-        )
-        if row.get("froze-step"):  # ProFL: a shrinking step ends without freezing its block
-            line += f" | step {row['froze-step']} ended ({row['freeze-reason']})"
-        elif row.get("froze-block"):
-            line += f" | block {row['froze-block']} frozen ({row['freeze-reason']})"
-        print(line, flush=True)

@@ -11,6 +11,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from common import protocol as P
 from common.config import parse_run_config
+from server_app import nodes as N
 from server_app import strategy as S
 from server_app.outputs import RunRecorder
 
@@ -58,7 +59,7 @@ class FakeSimulationGrid(FakeGrid, InMemoryGrid):
 @pytest.mark.parametrize(("grid_cls", "expected"), [(FakeSimulationGrid, [50, 50, 20]), (FakeGrid, [120])])
 def test_discovery_queries_in_chunks_only_in_simulation(tmp_path: Path, grid_cls: type, expected: list[int]) -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    assert S.QUERY_CHUNK == 50
+    assert N.QUERY_CHUNK == 50
     cfg = parse_run_config({"model": "smallcnn", "synthetic-train-size": 200, "synthetic-test-size": 50})
     strategy = S.FedAvgStrategy(cfg, RunRecorder(cfg, tmp_path / "run"), 10)
     grid = grid_cls(120)
