@@ -75,6 +75,13 @@ class Scenario:
     description: str
 
 
+SSL_BASE = (
+    f"dataset='npz' data-path='{DATA}' model='vit' width=0.25 device-profile='none' fraction-train=0.5 "
+    "fraction-evaluate=0.0 num-rounds=40 strategy='fedll' fedll-objective='ssl' ssl-eval-every=5"
+)
+SSL_ENTRIES = ("fedll-ssl=strategy='fedll'", "fedssl=strategy='fedll' fedll-layerwise=false")
+"""FedLL's self-supervised scenarios: layer-wise against end-to-end (the reference, last) on the same encoder."""
+
 SCENARIOS: dict[str, Scenario] = {
     "baselines": Scenario(
         40,
@@ -106,6 +113,19 @@ SCENARIOS: dict[str, Scenario] = {
         f"{CIFAR} partition='iid' fraction-train=0.5 num-rounds=60",
         ("smartfreeze", "depthfl", "profl", "fedavg"),
         "CIFAR-10 small, 20 clients, 10 per round, IID, ResNet10 w0.25, no memory limit",
+    ),
+    "ssl": Scenario(
+        10,
+        f"{SSL_BASE} partition='iid'",
+        SSL_ENTRIES,
+        "FedLL's headline, self-supervised: CIFAR-10 small, 10 clients, 5 per round, IID, ViT w0.25, SimCLR, "
+        "40 rounds; layer-wise (5 rounds per layer) against end-to-end FedSSL; accuracy = linear probe",
+    ),
+    "ssl-dirichlet": Scenario(
+        10,
+        f"{SSL_BASE} partition='dirichlet' dirichlet-alpha=0.5",
+        SSL_ENTRIES,
+        "as `ssl`, Dirichlet 0.5",
     ),
     "paper": Scenario(
         100,

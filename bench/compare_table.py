@@ -117,10 +117,48 @@ def markdown(
                 f"{_fmt(r['participation-rate'], True, 0)} | {_fmt(r['peak-client-memory-mb'])} | "
                 f"{_fmt(r['sim-time-s'], digits=0)} | {_fmt(_mb(r['bytes-moved']), digits=0)} |"
             )
+    if any(r.get("knn-accuracy") is not None for r in rows):
+        lines += ssl_table(rows, ref)
     flat = [r for per_seed in runs.values() for r in per_seed]
     if any(r["failed-replies"] or r["rejections"] for r in flat):
         lines += faults_table(flat)
     return "\n".join(lines) + "\n"
+
+
+def _ratio(ref: Any, value: Any) -> str:
+    """``ref / value`` of two Spreads' means as "N.Nx" (how many times less than the reference), — if unknown."""
+    a = ref.mean if isinstance(ref, Spread) else ref
+    b = value.mean if isinstance(value, Spread) else value
+    return "—" if not a or not b else f"{a / b:.1f}x"
+
+
+def ssl_table(rows: Sequence[Mapping[str, Any]], ref: str) -> list[str]:
+    """FedLL's self-supervised entries: downstream accuracy, its floor, and per-client costs with ratios to ``ref``."""
+    base = next((r for r in rows if r["entry"] == ref), None)
+    lines = [
+        "",
+        "Self-supervised entries (final acc = linear probe on the final encoder; floor = the same probe on the "
+        f"randomly initialised encoder; costs per client and round; ratios: `{ref}` / entry):",
+        "",
+        "| entry | linear probe % | k-NN % | floor probe % | floor k-NN % | peak client MB | GFLOPs | MB moved "
+        "| memory ratio | GFLOPs ratio | communication ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("knn-accuracy") is None:
+            continue
+        ratios = (
+            ("—", "—", "—")
+            if base is None
+            else tuple(_ratio(base[k], r[k]) for k in ("peak-client-memory-mb", "client-gflops", "client-mb"))
+        )
+        lines.append(
+            f"| {r['entry']} | {_fmt(r['final-accuracy'], True)} | {_fmt(r['knn-accuracy'], True)} | "
+            f"{_fmt(r['floor-probe-accuracy'], True)} | {_fmt(r['floor-knn-accuracy'], True)} | "
+            f"{_fmt(r['peak-client-memory-mb'])} | {_fmt(r['client-gflops'], digits=2)} | "
+            f"{_fmt(r['client-mb'], digits=2)} | {ratios[0]} | {ratios[1]} | {ratios[2]} |"
+        )
+    return lines
 
 
 def faults_table(flat: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -32,6 +32,7 @@ import math
 
 import numpy as np
 import psutil
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from torch import nn
 
@@ -48,7 +49,7 @@ from common.models import BlockModel, build_model
 from common.monitor import loss_statistics, measure_throughput, output_layer_gradient
 from common.node import NodeIdentity, node_data_path, node_identity, node_memory_mb
 from common.output_modules import OutputModule, StageModel, build_output_module, frozen_prefixes
-from common.training import evaluate, load_numpy, set_torch_threads, state_to_numpy, train_local
+from common.training import TrainResult, evaluate, load_numpy, set_torch_threads, state_to_numpy, train_local
 
 FROZEN_STATE = "progfl-frozen-blocks"
 
@@ -120,6 +121,14 @@ def _fedll_head(name: str, num_classes: int, width: float, layer: int) -> nn.Mod
     return build_layer_heads(_model(name, num_classes, width))[str(layer)]
 
 
+@functools.lru_cache(maxsize=16)
+def _ssl_head(name: str, num_classes: int, width: float, layer: int, method: str, dim: int) -> nn.Module:
+    """FedLL's self-supervised projection head of ``layer`` (:func:`common.fedll.build_ssl_heads`), one per process."""
+    from common.fedll import build_ssl_heads
+
+    return build_ssl_heads(_model(name, num_classes, width), method, dim)[str(layer)]
+
+
 def _build_fedll(
     cfg: RunConfig,
     num_classes: int,
@@ -129,13 +138,23 @@ def _build_fedll(
     arrays: dict[str, np.ndarray],
     context: Context | None,
 ) -> tuple[nn.Module, tuple[str, ...]]:
-    """FedLL's stage sub-model for ``layer``; frozen layers merged into / read from the node's store."""
-    from common.fedll import FedLLModel, dropout_seed, frozen_layer_prefixes, model_layers
+    """FedLL's stage sub-model for ``layer``; frozen layers merged into / read from the node's store.
+
+    In SSL (``fedll-objective='ssl'``) the head is the layer's projection head; with
+    ``fedll-layerwise=false`` the end-to-end reference (every layer, the last layer's head).
+    """
+    from common.fedll import EndToEndModel, FedLLModel, dropout_seed, frozen_layer_prefixes, model_layers
 
     model = _model(cfg.model, num_classes, width)
     layers = model_layers(model)
     if layer >= len(layers):
         raise ValueError(f"fedll-layer {layer} out of range: model {cfg.model} has {len(layers)} layers")
+    ssl, last = cfg.self_supervised, len(layers) - 1
+    if not cfg.fedll_layerwise:
+        head = _ssl_head(cfg.model, num_classes, width, last, cfg.ssl_method, cfg.ssl_proj_dim) if ssl else None
+        e2e = EndToEndModel(model, head, ssl)
+        load_numpy(e2e, arrays, strict=True)
+        return e2e, e2e.trainable_prefixes()
     frozen_keys = frozen_layer_prefixes(layers, layer)
     if context is not None and frozen_keys:
         store = _frozen_store(context, FEDLL_STATE)
@@ -144,8 +163,12 @@ def _build_fedll(
             store.update(fresh)
             context.state[FEDLL_STATE] = ArrayRecord({k: Array(v) for k, v in store.items()})
         arrays = {**{k: v for k, v in store.items() if k.startswith(frozen_keys)}, **arrays}
-    head = _fedll_head(cfg.model, num_classes, width, layer) if layer < len(layers) - 1 else None
-    sub = FedLLModel(model, layer, head, dropout=cfg.fedll_dropout, seed=dropout_seed(int(config.get(P.SEED, 0))))
+    if ssl:
+        head = _ssl_head(cfg.model, num_classes, width, layer, cfg.ssl_method, cfg.ssl_proj_dim)
+    else:
+        head = _fedll_head(cfg.model, num_classes, width, layer) if layer < last else None
+    seed = dropout_seed(int(config.get(P.SEED, 0)))
+    sub = FedLLModel(model, layer, head, dropout=cfg.fedll_dropout, seed=seed, ssl=ssl)
     missing = sorted({i for i, lay in enumerate(layers[:layer]) if not any(k.startswith(lay.prefixes) for k in arrays)})
     if missing:
         raise KeyError(f"fedll layer {layer}: frozen layer(s) {missing} neither in the message nor held by this node")
@@ -229,8 +252,22 @@ def _required_mb(
     width = cfg.width if width is None else width
     if fedll_layer >= 0:
         from common.fedll import required_mb as fedll_required_mb
+        from common.output_modules import DEFAULT_FROZEN_CHUNK
 
-        return fedll_required_mb(cfg.model, num_classes, width, fedll_layer, cfg.batch_size, tuple(input_shape))
+        method, dim = (cfg.ssl_method, cfg.ssl_proj_dim) if cfg.self_supervised else ("", 64)
+        shape = tuple(input_shape)
+        return fedll_required_mb(
+            cfg.model,
+            num_classes,
+            width,
+            fedll_layer,
+            cfg.batch_size,
+            shape,
+            DEFAULT_FROZEN_CHUNK,
+            method,
+            dim,
+            not cfg.fedll_layerwise,
+        )
     if shrink >= 0:
         from common.profl import shrink_memory
 
@@ -278,8 +315,11 @@ def _held_blocks(context: Context) -> list[int]:
 
 def _fedll_metrics(module: nn.Module, context: Context, values: dict[str, int | float | list[int]]) -> None:
     """FedLL's reply metrics: frozen layers held by this node, frozen forward FLOPs run and skipped."""
-    from common.fedll import FedLLModel, layer_keys
+    from common.fedll import EndToEndModel, FedLLModel, layer_keys
 
+    if isinstance(module, EndToEndModel):  # the end-to-end reference: nothing frozen, nothing skipped
+        values[P.FEDLL_HELD], values[P.FEDLL_FROZEN_FLOPS], values[P.FEDLL_SKIPPED_FLOPS] = [], 0.0, 0.0
+        return
     if not isinstance(module, FedLLModel):
         raise TypeError(f"a FedLL message built {type(module).__name__}, not FedLLModel")
     values[P.FEDLL_HELD] = sorted(layer_keys(list(_frozen_store(context, FEDLL_STATE)), module.layer_specs))
@@ -390,17 +430,20 @@ def train(content_in: RecordDict, context: Context) -> RecordDict:
         n, loss, acc = _validate(module, data, cfg)
         pre_eval = {P.PRE_EVAL_EXAMPLES: n, P.PRE_EVAL_LOSS: loss, P.PRE_EVAL_ACCURACY: acc}
     with track_peak(module) as peak:
-        result = train_local(
-            module,
-            data.x_train,
-            data.y_train,
-            epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            seed=int(config[P.SEED]),
-        )
+        if cfg.self_supervised:
+            result = _train_ssl(module, data.x_train, cfg, int(config[P.SEED]))
+        else:
+            result = train_local(
+                module,
+                data.x_train,
+                data.y_train,
+                epochs=cfg.local_epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                seed=int(config[P.SEED]),
+            )
     values: dict[str, int | float | list[int]] = {
         P.NUM_EXAMPLES: len(data.y_train),
         P.PARTITION_ID: ident.partition_id,
@@ -427,8 +470,34 @@ def train(content_in: RecordDict, context: Context) -> RecordDict:
     return RecordDict({P.ARRAYS: P.to_record(upload), P.METRICS: MetricRecord(values)})
 
 
+def _train_ssl(module: nn.Module, x: torch.Tensor, cfg: RunConfig, seed: int) -> TrainResult:
+    """FedLL's self-supervised local training on the images ``x`` (the labels are not passed)."""
+    from common.data import normalisation
+    from common.ssl import method, train_ssl_local, two_views
+
+    mean, std = normalisation(cfg.data_spec())
+    objective, temperature = method(cfg.ssl_method).loss, cfg.ssl_temperature
+    return train_ssl_local(
+        module,
+        x,
+        lambda batch, s: two_views(batch, mean, std, s),
+        lambda a, b: objective(a, b, temperature),
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=seed,
+    )
+
+
 def _validate(module: nn.Module, data: ClientData, cfg: RunConfig) -> tuple[int, float, float]:
     """(examples, loss, accuracy) of ``module`` on the local validation split; 0, 0 for an empty split."""
+    if cfg.self_supervised:
+        raise ValueError(
+            "a self-supervised FedLL model (fedll-objective='ssl') has no classifier to evaluate on labels: "
+            "the server evaluates it with a linear probe and k-NN"
+        )
     loss, acc = evaluate(module, data.x_val, data.y_val, cfg.eval_batch_size)
     n = len(data.y_val)
     return n, (loss if n else 0.0), (acc if n else 0.0)

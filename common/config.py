@@ -148,6 +148,22 @@ class RunConfig(BaseModel):
     fedll_dropout: float = Field(
         0.2, ge=0, lt=1, description="FedLL: depth dropout, probability of skipping a shape-preserving frozen layer"
     )
+    fedll_objective: Literal["supervised", "ssl"] = Field(
+        "supervised", description="FedLL: train on labels, or self-supervised on two augmented views (common.ssl)"
+    )
+    fedll_layerwise: bool = Field(
+        True, description="FedLL: one layer per stage; false = the end-to-end reference (every layer every round)"
+    )
+    ssl_method: Literal["simclr", "simsiam"] = Field("simclr", description="fedll-objective='ssl': the objective")
+    ssl_temperature: float = Field(0.5, gt=0, le=10, description="SimCLR's NT-Xent temperature")
+    ssl_proj_dim: int = Field(64, ge=2, le=4096, description="output dim of the SSL projection head")
+    ssl_eval_every: int = Field(
+        5, ge=0, description="SSL: linear probe and k-NN every N rounds and after the last (0 = only after the last)"
+    )
+    ssl_probe_fraction: float = Field(
+        0.2, gt=0, le=1, description="SSL: seeded share of the training split the server labels for the probe"
+    )
+    ssl_knn_k: int = Field(20, ge=1, description="SSL: neighbours of the k-NN accuracy")
     verbose: bool = False
     resume: bool = Field(False, description="continue run-name from its last checkpoint (same config)")
     overwrite: bool = Field(False, description="replace the results of an earlier run in the same folder")
@@ -178,7 +194,7 @@ class RunConfig(BaseModel):
                     f"has {blocks} blocks{per_phase} x min-stage-rounds={self.min_stage_rounds}; "
                     f"use num-rounds >= {phases * blocks * self.min_stage_rounds}"
                 )
-        if self.strategy == "fedll":
+        if self.strategy == "fedll" and self.fedll_layerwise:
             layers = FEDLL_LAYERS[self.model]
             if self.num_rounds < layers:
                 raise ValueError(
@@ -187,6 +203,12 @@ class RunConfig(BaseModel):
                     f"(>= {layers * self.fedll_layer_rounds()} to give every layer "
                     f"fedll-rounds-per-layer={self.fedll_layer_rounds()})"
                 )
+        for key, value, default in (
+            ("fedll-objective", self.fedll_objective, "supervised"),
+            ("fedll-layerwise", self.fedll_layerwise, True),
+        ):
+            if value != default and self.strategy != "fedll":
+                raise ValueError(f"{key}={value!r} applies to strategy 'fedll' only, not {self.strategy!r}")
         if self.resume and not self.run_name:
             raise ValueError("resume=true needs run-name (the folder of the run to continue, under output-dir)")
         if self.min_train_nodes > self.min_available_nodes:
@@ -211,6 +233,11 @@ class RunConfig(BaseModel):
             val_fraction=self.val_fraction,
             num_classes=self.num_classes,
         )
+
+    @property
+    def self_supervised(self) -> bool:
+        """True for FedLL's self-supervised mode (``fedll-objective='ssl'``)."""
+        return self.strategy == "fedll" and self.fedll_objective == "ssl"
 
     def fedll_layer_rounds(self) -> int:
         """FedLL's rounds per layer: ``fedll-rounds-per-layer``, or with 0 ``num-rounds // layers`` (at least 1)."""

@@ -88,6 +88,12 @@ def _normaliser(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), (std + 1e-6).astype(np.float32)
 
 
+def normalisation(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (float32 tensors) that :func:`to_tensor` normalises images by."""
+    mean, std = _normaliser(spec)
+    return torch.from_numpy(mean.copy()), torch.from_numpy(std.copy())
+
+
 def to_tensor(spec: DataSpec, x: np.ndarray) -> torch.Tensor:
     """uint8 NHWC images -> float32 NCHW tensor normalised by the training set's channel stats."""
     mean, std = _normaliser(spec)

@@ -30,6 +30,14 @@ Depth dropout
     :attr:`FedLLModel.frozen_flops` is the saved share of the frozen forward FLOPs
     (:func:`common.flops.forward_flops` per layer, times the batch size).
 
+Self-supervised mode (``fedll-objective='ssl'``, :mod:`common.ssl`)
+    Every layer k, the last included, trains with its own projection head (state keys
+    ``sslhead.<k>.*``) on two augmented views of the local images; labels are not read. The
+    model's classifier ``head.*`` is not trained by the federation: the downstream linear probe
+    is fitted on the server. :class:`EndToEndModel` is the end-to-end reference
+    (``fedll-layerwise=false``): every layer trained every round, under the last layer's head (the
+    projection head of layer L-1 in SSL, the model's classifier when supervised).
+
 Memory (:func:`required_mb`)
     One SGD step of the stage sub-model replayed on meta tensors by :func:`common.memory.replay_step`
     (the machinery of SmartFreeze's Eq. 4 model), without dropout: skips happen in the frozen
@@ -53,11 +61,14 @@ from common.output_modules import DEFAULT_FROZEN_CHUNK
 
 __all__ = [
     "HEAD_PREFIX",
+    "SSL_HEAD_PREFIX",
+    "EndToEndModel",
     "FedLLModel",
     "Layer",
     "LayerProfile",
     "build_layer_head",
     "build_layer_heads",
+    "build_ssl_heads",
     "dropout_seed",
     "frozen_layer_prefixes",
     "layer_keys",
@@ -72,6 +83,9 @@ __all__ = [
 
 HEAD_PREFIX = "lhead"
 """State-key prefix of the per-layer heads: ``lhead.<k>.*`` is the head of stage k < L-1."""
+
+SSL_HEAD_PREFIX = "sslhead"
+"""State-key prefix of the self-supervised projection heads: ``sslhead.<k>.*`` for every layer k."""
 
 _UNIT_TYPES: tuple[type[nn.Module], ...] = (BasicBlock, EncoderLayer)
 """Module types that are one layer each; models without any use their convolutions as layers."""
@@ -184,10 +198,34 @@ def build_layer_heads(
         )
 
 
-def stage_prefixes(layers: Sequence[Layer], layer: int) -> tuple[str, ...]:
-    """State-key prefixes of what stage ``layer`` trains: the layer and its head (the model's at the last)."""
-    head = "head." if layer == len(layers) - 1 else f"{HEAD_PREFIX}.{layer}."
-    return (*layers[layer].prefixes, head)
+def build_ssl_heads(
+    model: BlockModel, method: str, dim: int, input_shape: Sequence[int] = (3, 32, 32), seed: int | None = None
+) -> nn.ModuleDict:
+    """Projection heads of objective ``method`` (:func:`common.ssl.projection_head`) for every layer, keyed ``"0"``.."""
+    from common.ssl import projection_head
+
+    profiles = profile_layers(model, input_shape)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return nn.ModuleDict({str(k): projection_head(method, p.out_shape[0], dim) for k, p in enumerate(profiles)})
+
+
+def head_prefix(layers: Sequence[Layer], layer: int, ssl: bool = False) -> str:
+    """State-key prefix of stage ``layer``'s head: ``sslhead.<k>.`` in SSL, else ``lhead.<k>.`` (``head.`` last)."""
+    if ssl:
+        return f"{SSL_HEAD_PREFIX}.{layer}."
+    return "head." if layer == len(layers) - 1 else f"{HEAD_PREFIX}.{layer}."
+
+
+def stage_prefixes(layers: Sequence[Layer], layer: int, ssl: bool = False) -> tuple[str, ...]:
+    """State-key prefixes of what stage ``layer`` trains: the layer and its head (see :func:`head_prefix`)."""
+    return (*layers[layer].prefixes, head_prefix(layers, layer, ssl))
+
+
+def end_to_end_prefixes(layers: Sequence[Layer], ssl: bool = False) -> tuple[str, ...]:
+    """State-key prefixes of what the end-to-end reference trains: every layer and the last layer's head."""
+    return (*(p for lay in layers for p in lay.prefixes), head_prefix(layers, len(layers) - 1, ssl))
 
 
 def frozen_layer_prefixes(layers: Sequence[Layer], layer: int) -> tuple[str, ...]:
@@ -235,14 +273,18 @@ class FedLLModel(nn.Module):
         seed: int = 0,
         frozen_chunk: int = DEFAULT_FROZEN_CHUNK,
         input_shape: Sequence[int] = (3, 32, 32),
+        ssl: bool = False,
     ) -> None:
         super().__init__()
         layers = model_layers(model)
         last = len(layers) - 1
         if not 0 <= layer <= last:
             raise ValueError(f"layer must be in 0..{last} for {model.arch} ({last + 1} layers), got {layer}")
-        if (layer == last) != (head is None):
+        if ssl and head is None:
+            raise ValueError("a self-supervised stage needs its projection head (every layer has one)")
+        if not ssl and (layer == last) != (head is None):
             raise ValueError("the last layer uses the model head; every other layer needs its own head")
+        self.ssl = ssl
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"depth dropout probability must be in [0, 1), got {dropout!r}")
         if isinstance(frozen_chunk, bool) or not isinstance(frozen_chunk, int) or frozen_chunk < 0:
@@ -254,7 +296,7 @@ class FedLLModel(nn.Module):
         self.layer_specs: tuple[Layer, ...] = tuple(layers)
         self._layers: list[list[nn.Module]] = [lay.modules(model) for lay in layers[: layer + 1]]
         self._set_profiles(tuple(input_shape))
-        self._prefixes = stage_prefixes(layers, layer)
+        self._prefixes = stage_prefixes(layers, layer, ssl)
         holders: dict[str, nn.Module] = {}
         for lay in layers[: layer + 1]:
             for (b, name), module in zip(lay.members, lay.modules(model), strict=True):
@@ -263,7 +305,7 @@ class FedLLModel(nn.Module):
         if head is None:
             self.head = model.head
         else:
-            setattr(self, HEAD_PREFIX, nn.ModuleDict({str(layer): head}))
+            setattr(self, SSL_HEAD_PREFIX if ssl else HEAD_PREFIX, nn.ModuleDict({str(layer): head}))
         for modules in self._layers[:layer]:
             for m in modules:
                 m.requires_grad_(False)
@@ -289,8 +331,14 @@ class FedLLModel(nn.Module):
 
     @property
     def tail_module(self) -> nn.Module:
-        """The head of this stage (``lhead.<k>`` or the model's head at the last layer)."""
+        """The head of this stage (``lhead.<k>``, ``sslhead.<k>``, or the model's head at the last layer)."""
+        if self.ssl:
+            return getattr(self, SSL_HEAD_PREFIX)[str(self.layer)]
         return self.head if self.layer == self.num_layers - 1 else getattr(self, HEAD_PREFIX)[str(self.layer)]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's encoder output (frozen layers and layer k, no head): downstream features."""
+        return self._run([self.layer], self.frozen_forward(x))
 
     @property
     def skipped_share(self) -> float:
@@ -361,6 +409,49 @@ class FedLLModel(nn.Module):
         return self
 
 
+class EndToEndModel(nn.Module):
+    """The end-to-end reference of FedLL (``fedll-layerwise=false``): every layer trained, the last layer's head.
+
+    Shares the model's blocks (keys ``blocks.<b>.*``, as the global state) and its head: the
+    projection head ``sslhead.<L-1>`` in SSL, the model's classifier ``head`` otherwise.
+    """
+
+    def __init__(self, model: BlockModel, head: nn.Module | None, ssl: bool = False) -> None:
+        super().__init__()
+        if ssl == (head is None):
+            raise ValueError("end to end: a projection head in SSL, the model's head (None) when supervised")
+        self.layer_specs: tuple[Layer, ...] = tuple(model_layers(model))
+        self.ssl = ssl
+        self.blocks = model.blocks
+        last = len(self.layer_specs) - 1
+        if head is None:
+            self.head = model.head
+        else:
+            setattr(self, SSL_HEAD_PREFIX, nn.ModuleDict({str(last): head}))
+        self._prefixes = end_to_end_prefixes(self.layer_specs, ssl)
+        self.requires_grad_(True)
+        for p in self.parameters():
+            p.grad = None
+
+    @property
+    def tail_module(self) -> nn.Module:
+        """The head trained with the encoder."""
+        return getattr(self, SSL_HEAD_PREFIX)[str(len(self.layer_specs) - 1)] if self.ssl else self.head
+
+    def trainable_prefixes(self) -> tuple[str, ...]:
+        """Every layer and the head (what a client uploads)."""
+        return self._prefixes
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output (no head): downstream features."""
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail_module(self.encode(x))
+
+
 def stage_flops(
     model: BlockModel, layer: int | None, dropout: float = 0.0, input_shape: Sequence[int] = (3, 32, 32)
 ) -> StageFlops:
@@ -397,20 +488,50 @@ def required_mb(
     batch_size: int,
     input_shape: tuple[int, ...] = (3, 32, 32),
     frozen_chunk: int = DEFAULT_FROZEN_CHUNK,
+    ssl_method: str = "",
+    proj_dim: int = 64,
+    end_to_end: bool = False,
 ) -> float:
     """Modelled training memory (MB, 2**20 bytes) of FedLL stage ``layer`` at ``batch_size``.
 
     The stage sub-model (:class:`FedLLModel` without dropout, SGD with momentum and weight decay)
-    built on meta tensors and replayed by :func:`common.memory.replay_step`. Cached per process.
+    built on meta tensors and replayed by :func:`common.memory.replay_step`; with ``end_to_end``
+    the reference that trains every layer (:class:`EndToEndModel`, ``layer`` ignored). With
+    ``ssl_method`` (``ssl-method``) the self-supervised step: both views, a batch of 2 x
+    ``batch_size``, through the sub-model with that objective's projection head of ``proj_dim``
+    and its loss. Cached per process.
     """
+    from common.ssl import method
+
+    ssl = bool(ssl_method)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = build_model(arch, num_classes, width)
         layers = model_layers(model)
-        head = None if layer == len(layers) - 1 else build_layer_heads(model, input_shape)[str(layer)]
-        net = FedLLModel(model, layer, head, frozen_chunk=frozen_chunk, input_shape=input_shape)
+        last = len(layers) - 1
+        if ssl:
+            head = build_ssl_heads(model, ssl_method, proj_dim, input_shape)[str(last if end_to_end else layer)]
+        else:
+            head = None if end_to_end or layer == last else build_layer_heads(model, input_shape)[str(layer)]
+        if end_to_end:
+            net: nn.Module = EndToEndModel(model, head, ssl)
+        else:
+            net = FedLLModel(model, layer, head, frozen_chunk=frozen_chunk, input_shape=input_shape, ssl=ssl)
+    loss_fn = None
+    batch = batch_size
+    if ssl:
+        objective = method(ssl_method).loss
+        batch = 2 * batch_size
+
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            return objective(out[:batch_size], out[batch_size:], 0.5).mean()
+
+    if end_to_end:
+        first = net.blocks[0]
+        breakdown = replay_step(net, first, net.tail_module, [], batch, tuple(input_shape), True, True, loss_fn)
+        return breakdown.total
     frozen = [m for modules in net._layers[:layer] for m in modules]
     breakdown = replay_step(
-        net, net._layers[layer][0], net.tail_module, frozen, batch_size, tuple(input_shape), True, True
+        net, net._layers[layer][0], net.tail_module, frozen, batch, tuple(input_shape), True, True, loss_fn
     )
     return breakdown.total
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -362,6 +362,7 @@ def replay_step(
     input_shape: tuple[int, ...],
     momentum: bool = True,
     weight_decay: bool = True,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MemoryBreakdown:
     """Modelled memory (MB) of one SGD step of any sub-model ``net`` built on ``meta`` tensors.
 
@@ -371,7 +372,8 @@ def replay_step(
     replayed (see the module docstring). ``active`` is the first trained module the forward
     reaches: the frozen phase ends when its forward starts; ``tail`` the output module or head
     (its parameters are reported as ``output_module``); ``frozen`` the frozen modules (their
-    parameters are ``params_frozen``; none: no frozen phase).
+    parameters are ``params_frozen``; none: no frozen phase). ``loss_fn`` maps the output to the
+    scalar loss (default: cross-entropy against class 0, the supervised step).
     """
     net.train()
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -407,7 +409,7 @@ def replay_step(
             with saved_tensors_hooks(pack, lambda t: t):
                 out = net(x)
                 del x
-                loss = F.cross_entropy(out, y, reduction="none").mean()
+                loss = F.cross_entropy(out, y, reduction="none").mean() if loss_fn is None else loss_fn(out)
             forward_peak = tracker.peak
             saved_bytes = sum(saved.values())
             tracker.reset_peak()

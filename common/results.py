@@ -38,6 +38,11 @@ SPREAD_METRICS = (
     "sim-time-s",
     "time-to-target-s",
     "bytes-moved",
+    "knn-accuracy",
+    "floor-probe-accuracy",
+    "floor-knn-accuracy",
+    "client-gflops",
+    "client-mb",
 )
 """Per-run metrics that :func:`aggregate` reports as mean +- std with the per-seed values."""
 
@@ -93,6 +98,11 @@ def summarise(label: str, seed: int, doc: dict[str, Any], target: float | None) 
         "failed-replies": int(sum(r.get("failures") or 0 for r in rows)),
         "rejections": s.get("rejections") or {},
         "wall-seconds": doc.get("wall-seconds-total"),
+        "knn-accuracy": s.get("ssl-knn-accuracy"),  # FedLL SSL: final-accuracy is the linear probe's
+        "floor-probe-accuracy": s.get("ssl-floor-probe-accuracy"),
+        "floor-knn-accuracy": s.get("ssl-floor-knn-accuracy"),
+        "client-gflops": s.get("client-gflops-per-round"),
+        "client-mb": s.get("client-mb-per-round"),
     }
 
 
