@@ -77,6 +77,8 @@ class FedLLStrategy(FedAvgStrategy):
     # layers/heads: structure and containers (the heads' arrays are in ``arrays``); frozen_held: what
     # nodes hold is lost when they restart, so a resumed run sends frozen layers again; the rest caches.
     transient_attrs = (
+        "ssl",
+        "layerwise",
         "layers",
         "heads",
         "ssl_heads",

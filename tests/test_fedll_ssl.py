@@ -105,8 +105,10 @@ def test_an_ssl_client_step_never_reads_labels(monkeypatch: pytest.MonkeyPatch) 
     assert set(clean) == set(corrupted) and len(clean) > 2
     for key in clean:
         np.testing.assert_array_equal(clean[key], corrupted[key])
-    sup = _train({**run_config, "fedll-objective": "supervised"}, False, monkeypatch)
-    assert not np.array_equal(sup["loss"], clean["loss"])
+    assert np.isfinite(clean["loss"]) and clean["loss"] > 0
+    sent = state_to_numpy(build_model("smallcnn", 10, 0.25, seed=0))
+    trained = [k for k in clean if k in sent and k.endswith("weight")]
+    assert trained and any(not np.array_equal(clean[k], sent[k]) for k in trained)  # the step did train
 
 
 def test_downstream_evaluation_floor_schedule_and_the_probe_as_the_models_head(tmp_path: Path) -> None:
@@ -160,8 +162,14 @@ def test_nt_xent_runs_on_meta_tensors() -> None:
 @pytest.mark.parametrize(
     ("over", "match"),
     [
-        ({"strategy": "fedll", "fedll-objective": "contrastive"}, r"fedll-objective.*'supervised'.*'ssl'"),
-        ({"strategy": "fedll", "ssl-method": "moco"}, r"ssl-method.*'simclr'.*'simsiam'"),
+        (
+            {"strategy": "fedll", "fedll-objective": "contrastive"},
+            r"fedll-objective='contrastive' is not valid; valid choices: supervised, ssl",
+        ),
+        (
+            {"strategy": "fedll", "ssl-method": "moco"},
+            r"ssl-method='moco' is not valid; valid choices: simclr, simsiam",
+        ),
         ({"strategy": "fedavg", "fedll-objective": "ssl"}, r"fedll-objective='ssl' applies to strategy 'fedll' only"),
         ({"strategy": "fedavg", "fedll-layerwise": False}, r"fedll-layerwise=False applies to strategy 'fedll'"),
         ({"strategy": "fedll", "ssl-probe-fraction": 0.0}, r"ssl-probe-fraction"),

@@ -76,7 +76,7 @@ def test_the_objective_decreases_on_a_fixed_batch(name: str) -> None:
         return loss_fn(out[:16], out[16:], 0.5).mean()
 
     net.train()
-    first = float(loss())
+    first = float(loss().detach())
     for _ in range(15):
         opt.zero_grad()
         loss().backward()
