@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import psutil
@@ -430,20 +431,11 @@ def train(content_in: RecordDict, context: Context) -> RecordDict:
         n, loss, acc = _validate(module, data, cfg)
         pre_eval = {P.PRE_EVAL_EXAMPLES: n, P.PRE_EVAL_LOSS: loss, P.PRE_EVAL_ACCURACY: acc}
     with track_peak(module) as peak:
+        sgd = _sgd(cfg, int(config[P.SEED]))
         if cfg.self_supervised:
-            result = _train_ssl(module, data.x_train, cfg, int(config[P.SEED]))
+            result = _train_ssl(module, data.x_train, cfg, sgd)
         else:
-            result = train_local(
-                module,
-                data.x_train,
-                data.y_train,
-                epochs=cfg.local_epochs,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                seed=int(config[P.SEED]),
-            )
+            result = train_local(module, data.x_train, data.y_train, **sgd)
     values: dict[str, int | float | list[int]] = {
         P.NUM_EXAMPLES: len(data.y_train),
         P.PARTITION_ID: ident.partition_id,
@@ -470,25 +462,27 @@ def train(content_in: RecordDict, context: Context) -> RecordDict:
     return RecordDict({P.ARRAYS: P.to_record(upload), P.METRICS: MetricRecord(values)})
 
 
-def _train_ssl(module: nn.Module, x: torch.Tensor, cfg: RunConfig, seed: int) -> TrainResult:
+def _sgd(cfg: RunConfig, seed: int) -> dict[str, Any]:
+    """The local training loop's settings from the run config (epochs, batch, SGD) and the round's seed."""
+    return {
+        "epochs": cfg.local_epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "seed": seed,
+    }
+
+
+def _train_ssl(module: nn.Module, x: torch.Tensor, cfg: RunConfig, sgd: dict[str, Any]) -> TrainResult:
     """FedLL's self-supervised local training on the images ``x`` (the labels are not passed)."""
     from common.data import normalisation
     from common.ssl import method, train_ssl_local, two_views
 
     mean, std = normalisation(cfg.data_spec())
     objective, temperature = method(cfg.ssl_method).loss, cfg.ssl_temperature
-    return train_ssl_local(
-        module,
-        x,
-        lambda batch, s: two_views(batch, mean, std, s),
-        lambda a, b: objective(a, b, temperature),
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        seed=seed,
-    )
+    views = lambda batch, s: two_views(batch, mean, std, s)  # noqa: E731
+    return train_ssl_local(module, x, views, lambda a, b: objective(a, b, temperature), **sgd)
 
 
 def _validate(module: nn.Module, data: ClientData, cfg: RunConfig) -> tuple[int, float, float]:
