@@ -94,3 +94,32 @@ def test_versus_pairs_every_entry_with_the_reference_and_the_page_lists_it() -> 
     rows = [aggregate(label, per_seed) for label, per_seed in runs.items()]
     page = markdown("t", "test", "num-rounds=6", {k: "" for k in curves}, rows, runs, {}, "ref", against)
     assert "Each entry minus `ref`" in page and "- `ablation`, last-5 mean: -2.0 ± 1.0 points" in page
+
+
+def test_self_supervised_entries_get_downstream_figures_and_cost_ratios_to_the_reference() -> None:
+    def ssl_doc(probe: float, knn: float, peak: float, gflops: float, mb: float) -> dict:
+        doc = _doc("fedll", [probe] * 6)
+        for r in doc["rounds"][1:]:
+            r["max-peak-mb"] = peak
+        doc["summary"].update(
+            {
+                "ssl-knn-accuracy": knn,
+                "ssl-floor-probe-accuracy": 0.30,
+                "ssl-floor-knn-accuracy": 0.25,
+                "client-gflops-per-round": gflops,
+                "client-mb-per-round": mb,
+            }
+        )
+        return doc
+
+    runs = {
+        "fedll-ssl": [summarise("fedll-ssl", 0, ssl_doc(0.40, 0.35, 10.0, 2.0, 0.5), None)],
+        "fedssl": [summarise("fedssl", 0, ssl_doc(0.42, 0.37, 55.0, 9.0, 2.5), None)],
+    }
+    rows = [aggregate(label, per_seed) for label, per_seed in runs.items()]
+    page = markdown("ssl", "d", "cfg", {"fedll-ssl": "", "fedssl": ""}, rows, runs, {}, "fedssl")
+    assert "Self-supervised entries" in page
+    line = next(ln for ln in page.splitlines() if ln.startswith("| fedll-ssl | 40.0 | 35.0 | 30.0 | 25.0 |"))
+    assert line.endswith("| 5.5x | 4.5x | 5.0x |")  # memory, GFLOPs and communication against fedssl
+    plain = [aggregate("x", [summarise("x", 0, _doc("fedavg", [0.4] * 6), None)])]
+    assert "Self-supervised" not in markdown("s", "d", "c", {"x": ""}, plain, {"x": []}, {}, "x")
