@@ -257,13 +257,18 @@ class FedLLStrategy(FedAvgStrategy):
         if not (rnd == 0 or rnd == self.cfg.num_rounds or (every > 0 and rnd % every == 0)):
             self._round_ssl = {}
             return None, None
-        result = self._downstream()
+        result = self._downstream(full=rnd == 0)
         self.ssl_results[str(rnd)] = result
         self._round_ssl = {"knn-accuracy": result["knn-accuracy"], "probe-accuracy": result["probe-accuracy"]}
         return result["probe-loss"], result["probe-accuracy"]
 
-    def _downstream(self) -> dict[str, float]:
-        """Linear probe and k-NN accuracy of the current encoder (:mod:`common.ssl`); keeps the probe's weights."""
+    def _downstream(self, full: bool = False) -> dict[str, float]:
+        """Linear probe and k-NN accuracy of the current encoder (:mod:`common.ssl`); keeps the probe's weights.
+
+        The encoder is the stage's (layers 0..k), or with ``full`` every layer: the floor at round 0
+        is the whole randomly initialised encoder for the layer-wise run too, the same encoder (same
+        seed) the end-to-end reference starts from.
+        """
         from common.data import load_dataset, to_tensor
         from common.ssl import features, fit_linear_probe, knn_accuracy, probe_indices
 
@@ -275,6 +280,9 @@ class FedLLStrategy(FedAvgStrategy):
             self._probe_data = (to_tensor(spec, ds.x_train[idx]), torch.from_numpy(ds.y_train[idx]), x_test, y_test)
         x_probe, y_probe, x_test, y_test = self._probe_data
         sub = self.server_model()
+        if full and self.layerwise:
+            load_numpy(self.model, self.final_arrays())
+            sub = EndToEndModel(self.model, self.ssl_heads[str(self.num_layers - 1)], True)
         sub.eval()
         batch = self.cfg.eval_batch_size
         f_probe, f_test = features(sub.encode, x_probe, batch), features(sub.encode, x_test, batch)

@@ -115,6 +115,8 @@ def test_downstream_evaluation_floor_schedule_and_the_probe_as_the_models_head(t
     s = _strategy(tmp_path, **{"num-rounds": 6})
     loss0, acc0 = s.evaluate_server()  # round 0: the random encoder's probe, the floor
     assert loss0 is not None and 0 <= acc0 <= 1 and "0" in s.ssl_results
+    e2e = _strategy(tmp_path / "e2e", **{"num-rounds": 6, "fedll-layerwise": False})
+    assert e2e.evaluate_server() == (loss0, acc0)  # the floor is the whole random encoder for both
     s.before_round(None, 1)
     assert s.evaluate_server() == (None, None) and s.end_round(1).get("knn-accuracy") is None
     s.before_round(None, 3)
