@@ -158,8 +158,8 @@ class ParticipantSelector:
         if completion_time is not None:
             state.completion_time = _check_value("completion_time", completion_time, positive=True)
 
-    def record_success(self, client: int, server_round: int, importance: float, completion_time: float) -> None:
-        """A client finished ``server_round``: refresh its importance and measured completion time (s)."""
+    def record_success(self, client: int, server_round: int, importance: float, completion_time: float | None) -> None:
+        """A client finished ``server_round``: refresh its importance and completion time (s; None: unknown, kept)."""
         self.update_client(client, importance=importance, completion_time=completion_time)
         state = self._state(client)
         state.failures = 0

@@ -141,7 +141,12 @@ class SmartFreezeStrategy(FedAvgStrategy):
         self.frozen_held[partition_id] = {int(b) for b in held} if isinstance(held, list) else set()
         if P.LOSS_SQ_MEAN in metrics:
             importance = data_importance(int(metrics[P.NUM_EXAMPLES]), float(metrics[P.LOSS_SQ_MEAN]))
-            self.selector.record_success(partition_id, server_round, importance, self.completion_time(partition_id))
+            self.selector.record_success(partition_id, server_round, importance, self._known_time(partition_id))
+
+    def _known_time(self, partition_id: int) -> float | None:
+        """The node's modelled completion time (s), or None while its speed is unknown (its monitor query failed)."""
+        seconds = self.completion_time(partition_id)
+        return seconds if seconds > 0 else None
 
     def on_failure(self, server_round: int, partition_id: int) -> None:
         """A failed node may have lost its frozen blocks (send them again); its utility drops."""
@@ -194,7 +199,7 @@ class SmartFreezeStrategy(FedAvgStrategy):
             node.update(m)
             importance = data_importance(node.num_examples, float(m.get(P.LOSS_SQ_MEAN, 0.0)))
             self.selector.update_client(
-                node.partition_id, importance=importance, completion_time=self.completion_time(node.partition_id)
+                node.partition_id, importance=importance, completion_time=self._known_time(node.partition_id)
             )
             if P.GRAD in reply.content:
                 self.grads[node.partition_id] = P.from_record(reply.content[P.GRAD])[P.GRAD]

@@ -53,6 +53,10 @@ from server_app.validation import check_arrays, check_num_examples, norm_outlier
 
 log = logging.getLogger("progfl")
 
+QUERY_MEMORY_MARGIN = 3.0
+"""A monitor query's batch is sized to 1/3 of the node's budget in the memory model: on the CPU a training step's
+real memory runs 2.2-2.7x its modelled tensors (allocator and kernel buffers; README's device guide), and the
+query only measures (speed, the output-layer gradient), so it takes the margin rather than risk an OOM kill."""
 PER_ROUND_MAXIMA = (
     P.PEAK_MB,
     P.RSS_PEAK_MB,
@@ -189,11 +193,12 @@ class FedAvgStrategy(NodeDiscovery, CheckpointState, RoundLoop, Strategy):
     def query_batch_size(self, partition_id: int, stage: int | None) -> int:
         """Batch at which a monitor query may train ``stage`` (None: full model) on the node.
 
-        The configured batch if the node's budget (and any OOM cap) holds it in the memory model,
-        else the largest smaller batch that does (:func:`common.monitor.largest_fitting_batch`).
+        The configured batch if a :data:`QUERY_MEMORY_MARGIN` share of the node's budget (and of any
+        OOM cap) holds it in the memory model, else the largest smaller batch that does
+        (:func:`common.monitor.largest_fitting_batch`).
         """
         node = self.nodes[partition_id]
-        budget = min(node.memory_mb, node.oom_cap_mb)
+        budget = min(node.memory_mb, node.oom_cap_mb) / QUERY_MEMORY_MARGIN
         if math.isinf(budget):
             return self.cfg.batch_size
         shape = self.input_shape()
