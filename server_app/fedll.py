@@ -40,6 +40,7 @@ import math
 
 import numpy as np
 import torch
+from torch import nn
 
 from common import protocol as P
 from common.config import RunConfig
@@ -98,8 +99,13 @@ class FedLLStrategy(FedAvgStrategy):
         shape = self.input_shape()
         self.ssl = cfg.self_supervised
         self.layerwise = cfg.fedll_layerwise
-        self.heads = build_layer_heads(self.model, shape, seed=cfg.seed + 1)
-        self.ssl_heads = build_ssl_heads(self.model, cfg.ssl_method, cfg.ssl_proj_dim, shape, seed=cfg.seed + 2)
+        # only the mode's heads are built (each profiles the model once at start-up)
+        self.heads = nn.ModuleDict() if self.ssl else build_layer_heads(self.model, shape, seed=cfg.seed + 1)
+        self.ssl_heads = (
+            build_ssl_heads(self.model, cfg.ssl_method, cfg.ssl_proj_dim, shape, seed=cfg.seed + 2)
+            if self.ssl
+            else nn.ModuleDict()
+        )
         if self.ssl:
             self.arrays.update({f"{SSL_HEAD_PREFIX}.{k}": v for k, v in state_to_numpy(self.ssl_heads).items()})
         else:
