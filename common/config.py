@@ -89,6 +89,11 @@ class RunConfig(BaseModel):
     poll_interval: float = Field(
         0.1, gt=0, le=30, description="deployment: seconds between pulls of replies from the SuperLink (Flower's: 3)"
     )
+    overlap_server_work: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="push the next round's training before the server evaluates, records and checkpoints the "
+        "last one (the nodes train meanwhile); auto = on in deployment, off in simulation",
+    )
     evaluate_every: int = Field(
         0,
         ge=0,

@@ -9,14 +9,15 @@ link a few requests per second and nothing else. In simulation (``InMemoryGrid``
 ``send_and_receive`` already waits on the in-process message store, Flower's method is used as is.
 
 Semantics match Flower's: replies in arrival order, messages that could not be pushed are dropped
-with a warning, and the wait ends after ``timeout`` seconds with the replies that came.
+with a warning, and the wait ends after ``timeout`` seconds with the replies that came. Between the
+push and the first pull the caller may run its own work (``while_waiting``): the nodes are training.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -27,10 +28,24 @@ from common import protocol as P
 log = logging.getLogger("progfl")
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | None, interval: float) -> list[Message]:
-    """Push ``messages``, then pull their replies every ``interval`` s until all came or ``timeout`` s passed."""
+def send_and_receive(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None,
+    interval: float,
+    while_waiting: Callable[[], None] | None = None,
+) -> list[Message]:
+    """Push ``messages``, then pull their replies every ``interval`` s until all came or ``timeout`` s passed.
+
+    ``while_waiting`` runs once, right after the push and before the first pull: the server's own work
+    that the nodes need not wait for (the previous round's evaluation, record and checkpoint). Its time
+    counts towards ``timeout``. In simulation the pulls then come every ``grid.pull_interval`` s, as in
+    Flower's own ``send_and_receive``.
+    """
     if isinstance(grid, InMemoryGrid):
-        return list(grid.send_and_receive(messages, timeout=timeout))
+        if while_waiting is None:
+            return list(grid.send_and_receive(messages, timeout=timeout))
+        interval = grid.pull_interval
     msgs = list(messages)
     pushed = list(grid.push_messages(msgs))
     pending = {mid for mid in pushed if mid}
@@ -38,6 +53,8 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | N
         log.warning("%d of %d messages could not be pushed to the SuperLink", len(msgs) - len(pending), len(msgs))
     del msgs
     end = time.monotonic() + (timeout if timeout is not None else 0.0)
+    if while_waiting is not None:
+        while_waiting()
     replies: list[Message] = []
     while pending:
         got = list(grid.pull_messages(list(pending)))

@@ -64,72 +64,18 @@ class RoundLoop:
             first = self.resume(checkpoint)
             elapsed = float(self.recorder.rounds[-1].get("wall-seconds") or 0.0) if self.recorder.rounds else 0.0
         t_start = time.monotonic() - elapsed
-        for rnd in range(first, num_rounds + 1):
-            t_round = time.monotonic()
-            self._exchanges = []
-            self.discover(grid)
-            self.before_round(grid, rnd)
-            info = self.round_info(rnd)
-            evaluates = self.evaluates_in(rnd, num_rounds)
-            pre_eval = not evaluates and self.client_evaluation
-            round_config = ConfigRecord({**dict(train_config), P.PRE_EVAL: True}) if pre_eval else train_config
-            for attempt in range(self.cfg.round_retries + 1):
-                msgs = list(self.configure_train(rnd, ArrayRecord(), round_config, grid))
-                replies = self.exchange(grid, msgs + (self.round_side_messages(rnd) if attempt == 0 else []), timeout)
-                side = [r for r in replies if r.metadata.message_type != MessageType.TRAIN]
-                if side:
-                    self.on_side_replies(rnd, side)
-                replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
-                agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
-                if agg_arrays is not None or not self._round_participants:
-                    break
-                if attempt < self.cfg.round_retries:
-                    retries = self.cfg.round_retries
-                    log.warning("round %d: too few valid replies; retrying (%d/%d)", rnd, attempt + 1, retries)
-            self._round_train_metrics["attempts"] = attempt + 1
-            if agg_arrays is not None:
-                result.arrays = agg_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[rnd] = train_metrics
-            loss, acc = self.evaluate_server()
-            if acc is not None:  # None: no server evaluation this round (FedLL's SSL between probes)
-                result.evaluate_metrics_serverapp[rnd] = MetricRecord({"server-loss": loss, "server-accuracy": acc})
-            eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid)) if evaluates else []
-            t_eval, train_exchanges = time.monotonic(), len(self._exchanges)
-            client_metrics = None
-            if eval_msgs:
-                client_metrics = self.aggregate_evaluate(rnd, self.exchange(grid, eval_msgs, timeout))
-            if client_metrics is not None:
-                result.evaluate_metrics_clientapp[rnd] = client_metrics
-            now = time.monotonic()
-            final_eval: dict[str, float] = {}
-            if eval_msgs and rnd == num_rounds:  # the run's final federated evaluation, timed apart from the round
-                final_eval = {"final-evaluate-seconds": now - t_eval, **final_timing(self._exchanges[train_exchanges:])}
-                self._exchanges = self._exchanges[:train_exchanges]
-            round_end = t_eval if final_eval else now
-            row = {
-                "round": rnd,
-                **info,
-                "server-accuracy": acc,
-                "server-loss": loss,
-                **(dict(client_metrics) if client_metrics else {}),
-                **self._round_train_metrics,
-                "participant-ids": list(self._round_succeeded),
-                "round-seconds": round_end - t_round,
-                **round_timing(self._exchanges),
-                **final_eval,
-                "wall-seconds": now - t_start,
-            }
-            row.update(self.end_round(rnd))
-            self.recorder.add_round(row)
-            self.save_checkpoint(rnd)
-            eta = (now - t_start) / rnd * (num_rounds - rnd)
-            self.progress(rnd, num_rounds, row, eta)
-            if rnd == self.cfg.stop_after_round and rnd < num_rounds:
-                raise ckpt.StopAfterRound(
-                    f"stopped after round {rnd} as asked by stop-after-round={rnd} (testing an interruption); "
-                    f"continue with: ./run.sh resume {self.recorder.run_dir}"
+        overlap = self.overlaps_server_work()
+        closing: list[Callable[[], None]] = []  # the last round's closing work, run while the next one trains
+        try:
+            for rnd in range(first, num_rounds + 1):
+                self._train_and_close(
+                    grid, rnd, num_rounds, t_start, timeout, train_config, evaluate_config, result, overlap, closing
                 )
+        finally:
+            while (
+                closing
+            ):  # the last round's evaluation, record and checkpoint are never lost (an interrupt, a failure)
+                closing.pop()()
         if not any(n.rounds_trained for n in self.nodes.values()):
             if self._ever_eligible:
                 raise RuntimeError(f"no client trained successfully in {num_rounds} rounds; see the node errors above")
@@ -169,6 +115,132 @@ class RoundLoop:
         except Exception as exc:  # the report is a convenience: it must never fail the run
             log.warning("could not write report.html in %s: %s", self.recorder.run_dir, exc, exc_info=True)
         return result
+
+    def _train_and_close(
+        self,
+        grid: Grid,
+        rnd: int,
+        num_rounds: int,
+        t_start: float,
+        timeout: float,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+        result: Result,
+        overlap: bool,
+        closing: list[Callable[[], None]],
+    ) -> None:
+        """One round: train, then either close it now or (``overlap``) leave its closing work in ``closing``.
+
+        Closing is the server's evaluation of the round's model, the recorded row, the checkpoint and the
+        progress line. With ``overlap``, the next round's exchange runs it right after its push, while the
+        nodes train: the round's decisions (aggregation, :meth:`end_round`) are made first, the model is
+        copied for the evaluation (:meth:`server_evaluation`) and the state for the checkpoint
+        (:meth:`checkpoint_snapshot`). Not in a round with a federated evaluation exchange, in the last
+        round, or in the round ``stop-after-round`` names: those close at once.
+        """
+        t_round = time.monotonic()
+        self._exchanges = []
+        self.discover(grid)
+        self.before_round(grid, rnd)
+        info = self.round_info(rnd)
+        evaluates = self.evaluates_in(rnd, num_rounds)
+        pre_eval = not evaluates and self.client_evaluation
+        round_config = ConfigRecord({**dict(train_config), P.PRE_EVAL: True}) if pre_eval else train_config
+        for attempt in range(self.cfg.round_retries + 1):
+            msgs = list(self.configure_train(rnd, ArrayRecord(), round_config, grid))
+            side_msgs = self.round_side_messages(rnd) if attempt == 0 else []
+            replies = self.exchange(grid, msgs + side_msgs, timeout, closing.pop() if closing else None)
+            side = [r for r in replies if r.metadata.message_type != MessageType.TRAIN]
+            if side:
+                self.on_side_replies(rnd, side)
+            replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+            agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if agg_arrays is not None or not self._round_participants:
+                break
+            if attempt < self.cfg.round_retries:
+                retries = self.cfg.round_retries
+                log.warning("round %d: too few valid replies; retrying (%d/%d)", rnd, attempt + 1, retries)
+        self._round_train_metrics["attempts"] = attempt + 1
+        if agg_arrays is not None:
+            result.arrays = agg_arrays
+        if train_metrics is not None:
+            result.train_metrics_clientapp[rnd] = train_metrics
+        train_row = {
+            **self._round_train_metrics,
+            "participant-ids": list(self._round_succeeded),
+        }
+        if overlap and not evaluates and rnd < num_rounds and rnd != self.cfg.stop_after_round:
+            evaluation = self.server_evaluation()
+            extra = self.end_round(rnd)
+            snapshot = self.checkpoint_snapshot()
+            round_end = time.monotonic()
+            timing = {"round-seconds": round_end - t_round, **round_timing(self._exchanges)}
+
+            def close() -> None:
+                loss, acc = evaluation()
+                self._record(
+                    rnd, num_rounds, t_start, round_end, result, info, loss, acc, None, train_row, timing, extra
+                )
+                self.save_checkpoint(rnd, snapshot)
+
+            closing.append(close)
+            return
+        loss, acc = self.evaluate_server()
+        eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid)) if evaluates else []
+        t_eval, train_exchanges = time.monotonic(), len(self._exchanges)
+        client_metrics = None
+        if eval_msgs:
+            client_metrics = self.aggregate_evaluate(rnd, self.exchange(grid, eval_msgs, timeout))
+        now = time.monotonic()
+        final_eval: dict[str, float] = {}
+        if eval_msgs and rnd == num_rounds:  # the run's final federated evaluation, timed apart from the round
+            final_eval = {"final-evaluate-seconds": now - t_eval, **final_timing(self._exchanges[train_exchanges:])}
+            self._exchanges = self._exchanges[:train_exchanges]
+        round_end = t_eval if final_eval else now
+        timing = {"round-seconds": round_end - t_round, **round_timing(self._exchanges), **final_eval}
+        extra = self.end_round(rnd)
+        self._record(rnd, num_rounds, t_start, now, result, info, loss, acc, client_metrics, train_row, timing, extra)
+        self.save_checkpoint(rnd)
+        if rnd == self.cfg.stop_after_round and rnd < num_rounds:
+            raise ckpt.StopAfterRound(
+                f"stopped after round {rnd} as asked by stop-after-round={rnd} (testing an interruption); "
+                f"continue with: ./run.sh resume {self.recorder.run_dir}"
+            )
+
+    def _record(
+        self,
+        rnd: int,
+        num_rounds: int,
+        t_start: float,
+        now: float,
+        result: Result,
+        info: dict,
+        loss: float | None,
+        acc: float | None,
+        client_metrics: MetricRecord | None,
+        train_row: dict,
+        timing: dict,
+        extra: dict,
+    ) -> None:
+        """The round's row into the recorder and ``result``, and its progress line."""
+        if acc is not None:  # None: no server evaluation this round (FedLL's SSL between probes)
+            result.evaluate_metrics_serverapp[rnd] = MetricRecord({"server-loss": loss, "server-accuracy": acc})
+        if client_metrics is not None:
+            result.evaluate_metrics_clientapp[rnd] = client_metrics
+        row = {
+            "round": rnd,
+            **info,
+            "server-accuracy": acc,
+            "server-loss": loss,
+            **(dict(client_metrics) if client_metrics else {}),
+            **train_row,
+            **timing,
+            "wall-seconds": now - t_start,
+        }
+        row.update(extra)
+        self.recorder.add_round(row)
+        eta = (now - t_start) / rnd * (num_rounds - rnd)
+        self.progress(rnd, num_rounds, row, eta)
 
     def progress(self, rnd: int, num_rounds: int, row: dict, eta: float) -> None:
         """Print one progress line for the round."""

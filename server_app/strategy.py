@@ -24,10 +24,11 @@ checkpoint and resume (:mod:`server_app.strategy_state`), the round loop and pro
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -134,11 +135,20 @@ class FedAvgStrategy(NodeDiscovery, CheckpointState, RoundLoop, Strategy):
         self.deployed = False  # set by start(): True on a SuperLink's grid, False in simulation
         self._exchanges: list[dict[str, float]] = []  # this round's message exchanges (timing)
 
-    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        """Push messages, collect replies (deployment: pulled every ``poll-interval`` s, :mod:`server_app.exchange`)."""
+    def exchange(
+        self,
+        grid: Grid,
+        messages: Iterable[Message],
+        timeout: float | None = None,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> list[Message]:
+        """Push messages, collect replies (deployment: pulled every ``poll-interval`` s, :mod:`server_app.exchange`).
+
+        ``while_waiting`` runs once between the push and the first pull (the previous round's closing work).
+        """
         timeout = self.cfg.round_timeout if timeout is None else timeout
         start = time.monotonic()
-        replies = send_and_receive(grid, messages, timeout, self.cfg.poll_interval)
+        replies = send_and_receive(grid, messages, timeout, self.cfg.poll_interval, while_waiting)
         self._exchanges.append(exchange_timing(time.monotonic() - start, replies))
         return replies
 
@@ -594,6 +604,26 @@ class FedAvgStrategy(NodeDiscovery, CheckpointState, RoundLoop, Strategy):
         """Loss and accuracy of :meth:`server_model` on the held-out test set (None, None: not this round)."""
         x, y = held_out_set(self.cfg.data_spec())
         return evaluate(self.server_model(), x, y, self.cfg.eval_batch_size)
+
+    def server_evaluation(self) -> Callable[[], tuple[float | None, float | None]]:
+        """:meth:`evaluate_server` to run later, on the model as it is now.
+
+        The model is copied, so the evaluation can run while the next round is configured and trained
+        (``overlap-server-work``) and still measure this round's model. A subclass that overrides
+        :meth:`evaluate_server` is evaluated at once and its result returned later.
+        """
+        if type(self).evaluate_server is not FedAvgStrategy.evaluate_server:
+            result = self.evaluate_server()
+            return lambda: result
+        model = copy.deepcopy(self.server_model())
+        x, y = held_out_set(self.cfg.data_spec())
+        batch = self.cfg.eval_batch_size
+        return lambda: evaluate(model, x, y, batch)
+
+    def overlaps_server_work(self) -> bool:
+        """Whether the round loop pushes the next round before closing the last one (``overlap-server-work``)."""
+        mode = self.cfg.overlap_server_work
+        return mode == "on" or (mode == "auto" and self.deployed)
 
     def round_info(self, server_round: int) -> dict[str, float | int | str]:
         """Columns describing what this round trains (the stage, in subclasses); read before training."""

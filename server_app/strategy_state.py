@@ -19,6 +19,9 @@ from server_app import checkpoint as ckpt
 
 log = logging.getLogger("progfl")
 
+_RECORDER = "recorder"
+"""The checkpoint state's entry (and array-name prefix) for the recorded rows and summary."""
+
 
 def _as_arrays(value: Any) -> Any:
     """A dict of numpy values (model arrays) with every value an array: 0-d entries may be numpy scalars."""
@@ -87,8 +90,8 @@ class CheckpointState:
                 }
                 for pid, n in sorted(self.nodes.items())
             },
-            "recorder": ckpt.encode(
-                {"rounds": self.recorder.rounds, "summary": self.recorder.summary}, arrays, "recorder"
+            _RECORDER: ckpt.encode(
+                {"rounds": self.recorder.rounds, "summary": self.recorder.summary}, arrays, _RECORDER
             ),
         }
         return arrays, state
@@ -140,9 +143,27 @@ class CheckpointState:
         self.recorder.summary.update(state["recorder"]["summary"])
         self.recorder.write_metrics()
 
-    def save_checkpoint(self, server_round: int) -> None:
-        """Write ``<run-dir>/checkpoint.npz`` after ``server_round`` (atomically)."""
+    def checkpoint_snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """:meth:`checkpoint_state` now, its arrays copied: still this round's state once the next round has
+        started changing the strategy (``overlap-server-work``). :meth:`save_checkpoint` adds the recorder."""
         arrays, state = self.checkpoint_state()
+        arrays = {k: v.copy() for k, v in arrays.items() if not k.startswith(_RECORDER)}
+        return arrays, {k: v for k, v in state.items() if k != _RECORDER}
+
+    def save_checkpoint(
+        self, server_round: int, snapshot: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+    ) -> None:
+        """Write ``<run-dir>/checkpoint.npz`` after ``server_round`` (atomically).
+
+        With ``snapshot`` (:meth:`checkpoint_snapshot`, taken when the round's decisions were made), the
+        strategy's state is the snapshot's and the recorder's rows are the current ones.
+        """
+        if snapshot is None:
+            arrays, state = self.checkpoint_state()
+        else:
+            arrays, state = dict(snapshot[0]), dict(snapshot[1])
+            recorded = {"rounds": self.recorder.rounds, "summary": self.recorder.summary}
+            state[_RECORDER] = ckpt.encode(recorded, arrays, _RECORDER)
         ckpt.save_checkpoint(self.recorder.run_dir, server_round, self.name, self.cfg.to_flat(), state, arrays)
 
     def resume(self, checkpoint: ckpt.Checkpoint) -> int:

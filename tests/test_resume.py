@@ -1,6 +1,8 @@
 """End-to-end checkpoint and resume: SmartFreeze runs interrupted after a round (by the
 ``stop-after-round`` testing key, and by SIGKILL of every process of the run) and resumed with
-``./run.sh resume`` end exactly like an uninterrupted run of the same seed."""
+``./run.sh resume`` end exactly like an uninterrupted run of the same seed. The interrupted runs
+overlap the server's closing work with the next round (``overlap-server-work='on'``), the reference
+does not: the overlap changes no number."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ ROUNDS, STOP, KILL_AFTER = 9, 5, 3
 CONFIG = (
     "strategy='smartfreeze' model='smallcnn' synthetic-train-size=600 synthetic-test-size=200 "
     f"num-rounds={ROUNDS} min-stage-rounds=2 pace-window=2 pace-smooth=1 pace-regress=2 pace-consecutive=1 "
-    "pace-tau=0.5 device-profile='uniform' fraction-train=0.5 min-available-nodes=4 min-train-nodes=2 seed=3"
+    "pace-tau=0.5 device-profile='uniform' fraction-train=0.5 min-available-nodes=4 min-train-nodes=2 seed=3 "
+    "evaluate-every=3"  # rounds without a federated evaluation exchange: the ones overlap-server-work overlaps
 )
 # Columns that legitimately differ: timings, measured memory peaks, and bytes down (restarted nodes no
 # longer hold the frozen blocks, so the first resumed round of a later stage sends them again).
@@ -96,10 +99,13 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
     killed_out.mkdir()
     # the three runs go side by side (each run.sh has its own SuperLink) to save wall time
     ref = _run_sh(["run", "--supernodes", "4", "--run-config", f"{common} run-name='ref'"], tmp_path)
+    # the interrupted runs overlap the server's work with the next round (deployment's default, here forced on):
+    # each round's row, checkpoint (written while the next round trains) and resume must match ref's sequential loop
+    overlap = f"{common} overlap-server-work='on'"
     stop = _run_sh(
-        ["run", "--supernodes", "4", "--run-config", f"{common} run-name='stop' stop-after-round={STOP}"], tmp_path
+        ["run", "--supernodes", "4", "--run-config", f"{overlap} run-name='stop' stop-after-round={STOP}"], tmp_path
     )
-    kill = _run_sh(["run", "--supernodes", "4", "--run-config", f"{common} run-name='kill'"], killed_out)
+    kill = _run_sh(["run", "--supernodes", "4", "--run-config", f"{overlap} run-name='kill'"], killed_out)
     deadline = time.monotonic() + 600
     while _checkpoint_round(tmp_path / "kill") < KILL_AFTER and kill.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
