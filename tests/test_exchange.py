@@ -75,6 +75,36 @@ def test_unpushed_messages_are_not_waited_for_and_the_timeout_ends_the_wait() ->
     assert 2 <= late.pulls <= 10
 
 
+def test_the_servers_own_work_runs_once_between_the_push_and_the_first_pull() -> None:
+    grid = SlowGrid([1, 2])
+    seen: list[tuple[int, int]] = []  # (messages pushed, pulls done) when the work ran
+    replies = send_and_receive(
+        grid, _msgs(2), timeout=10.0, interval=0.001, while_waiting=lambda: seen.append((len(grid.pushed), grid.pulls))
+    )
+    assert seen == [(2, 0)] and len(replies) == 2 and grid.pulls == 2
+
+
+def test_a_checkpoint_snapshot_keeps_the_rounds_state_while_the_next_round_changes_it(tmp_path: Path) -> None:
+    from conftest import strategy_with_nodes
+
+    from server_app.checkpoint import load_checkpoint
+
+    s = strategy_with_nodes(S.FedAvgStrategy, tmp_path / "run", [1e6] * 3, **SMALL)
+    s.recorder.add_round({"round": 1, "server-accuracy": 0.5})
+    key = sorted(s.arrays)[0]
+    before = s.arrays[key].copy()
+    snapshot = s.checkpoint_snapshot()
+    s.arrays[key] += 1.0  # the next round changes the model in place, trains a node and is recorded
+    s.nodes[0].rounds_trained.append(2)
+    s.recorder.add_round({"round": 2, "server-accuracy": 0.6})
+    s.save_checkpoint(1, snapshot)
+    ck = load_checkpoint(s.recorder.run_dir)
+    state = ck.decoded_state()
+    assert np.array_equal(state["attrs"]["arrays"][key], before)
+    assert state["nodes"]["0"]["rounds-trained"] == []
+    assert [r["round"] for r in state["recorder"]["rounds"]] == [1, 2]  # the recorder is written as it is
+
+
 def test_round_timing_sums_each_exchange_critical_path() -> None:
     exchanges = [{"seconds": 5.0, "node": 3.0, "startup": 0.2}, {"seconds": 1.0, "node": 0.4, "startup": 0.1}]
     assert round_timing(exchanges) == pytest.approx(
