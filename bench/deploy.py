@@ -15,7 +15,10 @@ Per round it prints: wall time deployed and simulated and their ratio; the node-
 the critical path (per exchange the slowest node's handler, ``node-seconds``); the ClientApp
 start-up on it (process start to the app's import, which includes the message's pull:
 ``clientapp-startup-seconds``); Flower's transport and polling (the rest of the exchanges); and the
-ServerApp's own time (aggregation, server evaluation, between the exchanges). The first (cold)
+ServerApp's own time between the exchanges (in simulation aggregation and server evaluation;
+deployed, ``overlap-server-work``, aggregation and the round's decisions only: the evaluation, the
+record and the checkpoint run inside the next round's exchange, while the nodes train, so that a
+deployed round's time is the time from its push to the next round's push). The first (cold)
 round is shown apart from the warm ones, and the run's final federated evaluation after the last round
 (``final-evaluate-seconds``) apart from that round. The overhead beyond node-side compute is
 ``round - node-seconds-critical``; Flower's fixed waits are named in BENCHMARKS.md.
