@@ -164,17 +164,17 @@ def serve(socket_path: Path, parent_pid: int | None = None) -> None:
 
     With ``parent_pid`` (run.sh's), the launcher stops when that process is gone.
     """
+    # Flower's ClientApp runtime, and what a child would import lazily: httpcore and h11 at its first HTTP
+    # client (httpx loads its transport then), cp437 at the FAB's unzip (~20 ms of CPU per message here).
+    import encodings.cp437  # noqa: F401
+
     import flwr.app  # noqa: F401
     import flwr.clientapp  # noqa: F401
     import flwr.supernode.cli.flwr_clientapp  # noqa: F401
     import flwr.supernode.runtime.run_clientapp  # noqa: F401
-    import numpy  # noqa: F401
-
-    # Imported by the child's first HTTP client (httpx loads its transport lazily) and by the FAB's unzip:
-    # ~0.1 s of CPU in every ClientApp process otherwise (cProfile of a child, 2026-12-08).
-    import encodings.cp437  # noqa: F401
     import h11  # noqa: F401
     import httpcore  # noqa: F401
+    import numpy  # noqa: F401
 
     from common.procwatch import alive
 
