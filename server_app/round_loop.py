@@ -135,8 +135,9 @@ class RoundLoop:
         progress line. With ``overlap``, the next round's exchange runs it right after its push, while the
         nodes train: the round's decisions (aggregation, :meth:`end_round`) are made first, the model is
         copied for the evaluation (:meth:`server_evaluation`) and the state for the checkpoint
-        (:meth:`checkpoint_snapshot`). Not in a round with a federated evaluation exchange, in the last
-        round, or in the round ``stop-after-round`` names: those close at once.
+        (:meth:`checkpoint_snapshot`). A round with a federated evaluation exchange (deployed: the last),
+        the last round and the round ``stop-after-round`` names close at once; with ``overlap``, the
+        server's evaluation then runs inside the federated evaluation's exchange.
         """
         t_round = time.monotonic()
         self._exchanges = []
@@ -185,12 +186,18 @@ class RoundLoop:
 
             closing.append(close)
             return
-        loss, acc = self.evaluate_server()
+        # With overlap, a round with a federated evaluation runs the server's evaluation inside that exchange
+        evaluation = self.server_evaluation() if overlap and evaluates else None
+        loss, acc = (None, None) if evaluation else self.evaluate_server()
         eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid)) if evaluates else []
         t_eval, train_exchanges = time.monotonic(), len(self._exchanges)
         client_metrics = None
+        scores: list[tuple[float | None, float | None]] = []
         if eval_msgs:
-            client_metrics = self.aggregate_evaluate(rnd, self.exchange(grid, eval_msgs, timeout))
+            work = (lambda: scores.append(evaluation())) if evaluation else None
+            client_metrics = self.aggregate_evaluate(rnd, self.exchange(grid, eval_msgs, timeout, work))
+        if evaluation:
+            loss, acc = scores[0] if scores else evaluation()
         now = time.monotonic()
         final_eval: dict[str, float] = {}
         if eval_msgs and rnd == num_rounds:  # the run's final federated evaluation, timed apart from the round
