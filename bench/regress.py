@@ -133,12 +133,33 @@ def environment() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
     names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")]
+    import numpy
+
     return {
         **versions(),
+        "numpy": numpy.__version__,
         "commit": commit.stdout.strip() or "unknown",
         "date": datetime.date.today().isoformat(),
         "cpu": names[0] if names else "unknown",
     }
+
+
+ENVIRONMENT_KEYS = ("cpu", "machine", "cpus", "threads", "python", "torch", "numpy")
+"""Facts of the machine and libraries that set the float rounding (the commit and date do not)."""
+
+
+def environment_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between the record's environment and this one (``"cpu 'A' -> 'B'"``), for
+    :data:`ENVIRONMENT_KEYS`; a fact the record lacks is named as unrecorded."""
+    changes = []
+    for key in ENVIRONMENT_KEYS:
+        if key not in now:
+            continue
+        if key not in recorded:
+            changes.append(f"{key} unrecorded -> {now[key]!r}")
+        elif recorded[key] != now[key]:
+            changes.append(f"{key} {recorded[key]!r} -> {now[key]!r}")
+    return changes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     if not RECORD.is_file():
         print(f"error: {RECORD} does not exist: record it first with --record --noise", file=sys.stderr)
         return 2
-    rows, ok = compare(now, json.loads(RECORD.read_text()))
+    record = json.loads(RECORD.read_text())
+    rows, ok = compare(now, record)
     print(render(rows))
+    changes = environment_changes(record.get("environment", {}), result["environment"])
+    if changes:
+        commit = record.get("environment", {}).get("commit", "?")
+        print(
+            f"[regress] this environment differs from the record's ({'; '.join(changes)}): float rounding differs "
+            "across CPUs and library versions, and from some round on SmartFreeze's decisions with it, so a drift "
+            f"here may be the machine's, not the code's. To tell: run the recorded commit {commit} here; if it "
+            "drifts the same way, re-record on this machine (--record --noise) at a commit you trust."
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "regress.json").write_text(json.dumps({**result, "rows": rows, "ok": ok}, indent=1))
     print(f"[regress] {'every figure within tolerance' if ok else 'DRIFT: a figure is outside its tolerance'}")

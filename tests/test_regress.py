@@ -6,7 +6,16 @@ import math
 
 import pytest
 
-from bench.regress import ENTRIES, METRICS, MIN_TOLERANCE, THREADS, compare, pooled_sigma, tolerances
+from bench.regress import (
+    ENTRIES,
+    METRICS,
+    MIN_TOLERANCE,
+    THREADS,
+    compare,
+    environment_changes,
+    pooled_sigma,
+    tolerances,
+)
 
 
 def _rows(acc: float, trace: list | None = None) -> dict:
@@ -36,3 +45,10 @@ def test_compare_flags_a_shift_beyond_tolerance_and_reports_decisions() -> None:
     assert not ok and not any(r["ok"] for r in rows) and not rows[0]["same-decisions"]
     rows, ok = compare(_rows(0.40), {"entries": {}, "tolerance": dict.fromkeys(METRICS, 0.02)})
     assert not ok and rows[0]["metric"] == "(not recorded)"
+
+
+def test_a_changed_machine_or_library_is_named_and_the_commit_date_are_not() -> None:
+    recorded = {"cpu": "AMD EPYC", "torch": "2.14.1", "threads": 2, "commit": "abc", "date": "2026-12-07"}
+    now = {"cpu": "Intel Xeon", "torch": "2.14.1", "threads": 2, "numpy": "2.4.6", "commit": "def", "date": "x"}
+    assert environment_changes(recorded, now) == ["cpu 'AMD EPYC' -> 'Intel Xeon'", "numpy unrecorded -> '2.4.6'"]
+    assert environment_changes(now, now) == []
