@@ -72,9 +72,8 @@ class RoundLoop:
                     grid, rnd, num_rounds, t_start, timeout, train_config, evaluate_config, result, overlap, closing
                 )
         finally:
-            while (
-                closing
-            ):  # the last round's evaluation, record and checkpoint are never lost (an interrupt, a failure)
+            # the last round's evaluation, record and checkpoint are never lost (an interrupt, a failure)
+            while closing:
                 closing.pop()()
         if not any(n.rounds_trained for n in self.nodes.values()):
             if self._ever_eligible:

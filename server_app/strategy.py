@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -51,6 +52,9 @@ from server_app.outputs import RunRecorder
 from server_app.round_loop import RoundLoop
 from server_app.strategy_state import CheckpointState
 from server_app.validation import check_arrays, check_num_examples, norm_outliers, update_norm
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger("progfl")
 
@@ -602,8 +606,12 @@ class FedAvgStrategy(NodeDiscovery, CheckpointState, RoundLoop, Strategy):
     # ------------------------------------------------------------------ evaluation and the loop
     def evaluate_server(self) -> tuple[float | None, float | None]:
         """Loss and accuracy of :meth:`server_model` on the held-out test set (None, None: not this round)."""
+        return self._evaluate_on_test(self.server_model())
+
+    def _evaluate_on_test(self, model: nn.Module) -> tuple[float, float]:
+        """Loss and accuracy of ``model`` on the held-out test set."""
         x, y = held_out_set(self.cfg.data_spec())
-        return evaluate(self.server_model(), x, y, self.cfg.eval_batch_size)
+        return evaluate(model, x, y, self.cfg.eval_batch_size)
 
     def server_evaluation(self) -> Callable[[], tuple[float | None, float | None]]:
         """:meth:`evaluate_server` to run later, on the model as it is now.
@@ -616,9 +624,7 @@ class FedAvgStrategy(NodeDiscovery, CheckpointState, RoundLoop, Strategy):
             result = self.evaluate_server()
             return lambda: result
         model = copy.deepcopy(self.server_model())
-        x, y = held_out_set(self.cfg.data_spec())
-        batch = self.cfg.eval_batch_size
-        return lambda: evaluate(model, x, y, batch)
+        return lambda: self._evaluate_on_test(model)
 
     def overlaps_server_work(self) -> bool:
         """Whether the round loop pushes the next round before closing the last one (``overlap-server-work``)."""

@@ -64,11 +64,21 @@ class CheckpointState:
         return sorted(set(vars(self)) - known)
 
     def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(arrays, JSON-ready state) that, with the run config, determine every later round.
+        """(arrays, JSON-ready state) that, with the run config, determine every later round:
+        :meth:`strategy_state` and the metrics recorded so far (rows and summary)."""
+        arrays, state = self.strategy_state()
+        state[_RECORDER] = self._encode_recorder(arrays)
+        return arrays, state
 
-        The state holds every attribute of :attr:`checkpoint_attrs` (encoded by
-        :func:`server_app.checkpoint.encode`), the node table by partition id (examples, budget,
-        speed, rounds trained) and the metrics recorded so far (rows and summary). Subclasses with
+    def _encode_recorder(self, arrays: dict[str, np.ndarray]) -> Any:
+        """The recorder's rows and summary, JSON-ready (their arrays, if any, go to ``arrays``)."""
+        return ckpt.encode({"rounds": self.recorder.rounds, "summary": self.recorder.summary}, arrays, _RECORDER)
+
+    def strategy_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The strategy's part of :meth:`checkpoint_state` (arrays, JSON-ready state).
+
+        Every attribute of :attr:`checkpoint_attrs` (encoded by :func:`server_app.checkpoint.encode`)
+        and the node table by partition id (examples, budget, speed, rounds trained). Subclasses with
         extra state list it in ``checkpoint_attrs``; override this (calling ``super()``) only for
         state that is not an attribute.
         """
@@ -90,9 +100,6 @@ class CheckpointState:
                 }
                 for pid, n in sorted(self.nodes.items())
             },
-            _RECORDER: ckpt.encode(
-                {"rounds": self.recorder.rounds, "summary": self.recorder.summary}, arrays, _RECORDER
-            ),
         }
         return arrays, state
 
@@ -144,11 +151,10 @@ class CheckpointState:
         self.recorder.write_metrics()
 
     def checkpoint_snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """:meth:`checkpoint_state` now, its arrays copied: still this round's state once the next round has
+        """:meth:`strategy_state` now, its arrays copied: still this round's state once the next round has
         started changing the strategy (``overlap-server-work``). :meth:`save_checkpoint` adds the recorder."""
-        arrays, state = self.checkpoint_state()
-        arrays = {k: v.copy() for k, v in arrays.items() if not k.startswith(_RECORDER)}
-        return arrays, {k: v for k, v in state.items() if k != _RECORDER}
+        arrays, state = self.strategy_state()
+        return {k: v.copy() for k, v in arrays.items()}, state
 
     def save_checkpoint(
         self, server_round: int, snapshot: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
@@ -162,8 +168,7 @@ class CheckpointState:
             arrays, state = self.checkpoint_state()
         else:
             arrays, state = dict(snapshot[0]), dict(snapshot[1])
-            recorded = {"rounds": self.recorder.rounds, "summary": self.recorder.summary}
-            state[_RECORDER] = ckpt.encode(recorded, arrays, _RECORDER)
+            state[_RECORDER] = self._encode_recorder(arrays)
         ckpt.save_checkpoint(self.recorder.run_dir, server_round, self.name, self.cfg.to_flat(), state, arrays)
 
     def resume(self, checkpoint: ckpt.Checkpoint) -> int:
